@@ -1,0 +1,122 @@
+"""Pieces shared by the exact backends (SCIP, HiGHS): row models, the diagonal shift, row pools.
+
+Each row is min_p pᵀQp over binary prune indicators p (p = 1 - m) with a fixed count per row or per N:M
+group, Q = diag(w) G diag(w). Because p_i² = p_i, any s with G - s·diag(G) PSD gives the same objective on
+binary p as pᵀ Q' p + s Σ Q_ii p_i with Q' = diag(w) (G - s diag(G)) diag(w), and a tighter relaxation.
+The largest such s is the smallest eigenvalue of G's correlation matrix (independent of w).
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sparseswaps import NM, MaskProblem, PerRow, Solution, Termination, mask_from_scores
+
+# Keep the shift a hair inside the PSD limit so rounding cannot make Q' indefinite.
+_SHIFT_SAFETY = 1 - 1e-7
+
+
+def prune_groups(d: int, pattern) -> list[tuple[np.ndarray, int]]:
+    """(indices, number pruned) for every cardinality constraint of a row."""
+    if isinstance(pattern, PerRow):
+        return [(np.arange(d), d - pattern.keep)]
+    return [(np.arange(start, start + pattern.m), pattern.m - pattern.n) for start in range(0, d, pattern.m)]
+
+
+def diagonal_shift(gram: np.ndarray) -> float:
+    """Largest s >= 0 (with a safety margin) such that G - s·diag(G) stays PSD."""
+    diag = np.diag(gram)
+    live = diag > 0
+    if not live.any():
+        return 0.0
+    scale = 1 / np.sqrt(diag[live])
+    correlation = gram[np.ix_(live, live)] * scale[:, None] * scale[None, :]
+    return max(0.0, float(np.linalg.eigvalsh(correlation)[0]) * _SHIFT_SAFETY)
+
+
+def psd_factor(matrix: np.ndarray) -> np.ndarray:
+    """F with F Fᵀ ≈ matrix (PSD), dropping eigenvalues below 1e-12 of the largest."""
+    values, vectors = np.linalg.eigh(matrix)
+    keep = values > 1e-12 * max(values[-1], 0.0)
+    return vectors[:, keep] * np.sqrt(values[keep])
+
+
+@dataclass
+class RowModel:
+    """One row's problem in the form the exact backends take: min ||Aᵀ p||² + linᵀ p."""
+
+    w: np.ndarray            # row weights, float64
+    quad: np.ndarray         # Q' = diag(w) (G - s diag G) diag(w)
+    factor: np.ndarray       # A = diag(w) F with F Fᵀ = G - s diag G: the quadratic is ||Aᵀ p||²
+    linear: np.ndarray       # s · Q_ii
+    groups: list
+    incumbent: np.ndarray    # prune indicators of the warm start (bool)
+
+    def value(self, prune: np.ndarray) -> float:
+        p = prune.astype(np.float64)
+        return float(p @ self.quad @ p + self.linear @ p)
+
+
+def row_models(problem: MaskProblem, warm_start: torch.Tensor, shift: bool) -> list[RowModel]:
+    gram = problem.gram.detach().cpu().to(torch.float64).numpy()
+    s = diagonal_shift(gram) if shift else 0.0
+    shifted = gram - s * np.diag(np.diag(gram))
+    factor = psd_factor(shifted)
+    groups = prune_groups(problem.d, problem.pattern)
+    weights = problem.weight.detach().cpu().to(torch.float64).numpy()
+    prune = (~warm_start).cpu().numpy()
+    models = []
+    for w, p in zip(weights, prune):
+        models.append(RowModel(w=w, quad=w[:, None] * shifted * w[None, :], factor=w[:, None] * factor,
+                               linear=s * w * w * np.diag(gram), groups=groups, incumbent=p))
+    return models
+
+
+def default_incumbent(problem: MaskProblem) -> torch.Tensor:
+    """Wanda's mask refined by 1-swaps: a strong incumbent costs milliseconds per row."""
+    from solvers.swaps import refine
+
+    wanda = mask_from_scores(problem.wanda_scores(), problem.pattern)
+    return refine(problem, wanda, dtype=torch.float64).mask
+
+
+def map_rows(function, tasks: list, workers: int) -> list:
+    """function over tasks, in a process pool when workers > 1; results in task order either way."""
+    if workers <= 1 or len(tasks) <= 1:
+        return [function(task) for task in tasks]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(function, tasks))
+
+
+@dataclass
+class RowOutcome:
+    prune: np.ndarray
+    bound: float             # valid lower bound on the row optimum (original units)
+    status: str              # optimal | time_limit | error
+    nodes: int
+    seconds: float
+
+
+def assemble(problem: MaskProblem, outcomes: list[RowOutcome], extra: dict) -> Solution:
+    mask = torch.from_numpy(~np.stack([o.prune for o in outcomes])).to(problem.device)
+    row_bound = torch.tensor([o.bound for o in outcomes], dtype=torch.float64)
+    statuses = [o.status for o in outcomes]
+    if all(s == "optimal" for s in statuses):
+        termination = Termination.OPTIMAL
+    elif "error" in statuses:
+        termination = Termination.ERROR
+    else:
+        termination = Termination.TIME_LIMIT
+    extra.update(row_status=statuses, rows_optimal=statuses.count("optimal"),
+                 nodes=sum(o.nodes for o in outcomes), row_seconds=[o.seconds for o in outcomes])
+    return Solution(mask, termination, row_bound=row_bound, extra=extra)
+
+
+def objective_scale(model: RowModel) -> float:
+    """The incumbent's value: dividing by it makes the solver's objective O(1) (see SOLVERS.md)."""
+    value = model.value(model.incumbent)
+    return value if value > 0 and math.isfinite(value) else 1.0

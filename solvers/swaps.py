@@ -1,0 +1,178 @@
+"""SparseSwaps (arXiv 2512.10922): refine a mask with exact best 1-swaps, batched over rows.
+
+Per row keep c = G (w ⊙ ¬m). Restoring pruned i and pruning kept j changes the row error by
+    Δ_ij = a_i + b_j - 2 w_i w_j G_ij,   a_i = w_i² G_ii - 2 w_i c_i,   b_j = w_j² G_jj + 2 w_j c_j.
+Each iteration every active row applies its best pair if Δ < 0, then c is updated with two columns of G
+in O(d). A row stops when no swap improves it (local optimum) or after `max_iters`. N:M swaps stay in
+their group. The scan runs in `dtype` (float32 by default); c is kept in float64 and every chosen swap is
+re-checked in float64 before it is applied, so the objective never increases.
+
+Ties between equal Δ go to the smallest (i, j) in row-major order, identically on every device.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from sparseswaps import NM, MaskProblem, PerRow, Solution, Solver, Termination, mask_from_scores, register
+
+# Working-set budget of one row batch of the dense scan, in bytes.
+_CPU_BATCH_BYTES = 32 << 20
+_CUDA_BATCH_BYTES = 2 << 30
+
+ScanFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, object],
+                  tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def swap_terms(w: torch.Tensor, c: torch.Tensor, diag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a (gain terms for restoring each entry) and b (cost terms for pruning each entry)."""
+    w2g = w * w * diag
+    return w2g - 2 * w * c, w2g + 2 * w * c
+
+
+def scan_per_row(w, mask, c, gram, pattern) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best (Δ, i, j) of each row over every (pruned i, kept j) pair: dense, batched torch."""
+    rows, d = w.shape
+    a, b = swap_terms(w, c, gram.diagonal())
+    pruned_count = d - int(mask[0].sum())
+    # Pruned indices in ascending order, so the flattened argmin breaks ties at the smallest (i, j).
+    pruned_idx = torch.sort((mask.to(torch.int8) * d) + torch.arange(d, device=w.device), dim=1).indices[:, :pruned_count]
+    w_i = torch.gather(w, 1, pruned_idx)
+    a_i = torch.gather(a, 1, pruned_idx)
+    b_masked = torch.where(mask, b, torch.inf)
+    delta = gram[pruned_idx]                                   # [rows, p, d]: G_ij
+    delta.mul_(w.unsqueeze(1)).mul_(w_i.unsqueeze(2) * -2)
+    delta.add_(a_i.unsqueeze(2)).add_(b_masked.unsqueeze(1))
+    best, flat = delta.view(rows, -1).min(1)
+    i = torch.gather(pruned_idx, 1, (flat // d).unsqueeze(1)).squeeze(1)
+    return best, i, flat % d
+
+
+def scan_nm(w, mask, c, gram, pattern: NM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best (Δ, i, j) of each row over pairs inside one N:M group."""
+    rows, d = w.shape
+    m = pattern.m
+    groups = d // m
+    a, b = swap_terms(w, c, gram.diagonal())
+    start = torch.arange(0, d, m, device=w.device)
+    offsets = torch.arange(m, device=w.device)
+    block = gram[(start[:, None] + offsets)[:, :, None], (start[:, None] + offsets)[:, None, :]]  # [groups, m, m]
+    wg, mg = w.view(rows, groups, m), mask.view(rows, groups, m)
+    a_i = torch.where(mg, torch.inf, a.view(rows, groups, m))
+    b_j = torch.where(mg, b.view(rows, groups, m), torch.inf)
+    delta = a_i.unsqueeze(3) + b_j.unsqueeze(2) - 2 * wg.unsqueeze(3) * wg.unsqueeze(2) * block
+    best, flat = delta.view(rows, -1).min(1)
+    group, within = flat // (m * m), flat % (m * m)
+    return best, group * m + within // m, group * m + within % m
+
+
+def default_scan(pattern) -> ScanFn:
+    return scan_nm if isinstance(pattern, NM) else scan_per_row
+
+
+def exact_deltas(w64, c64, gram64, i, j) -> torch.Tensor:
+    """Δ of the chosen swap of each row, recomputed in float64 from the float64 state."""
+    rows = torch.arange(len(i), device=w64.device)
+    wi, wj = w64[rows, i], w64[rows, j]
+    return (wi * wi * gram64[i, i] - 2 * wi * c64[rows, i] + wj * wj * gram64[j, j] + 2 * wj * c64[rows, j]
+            - 2 * wi * wj * gram64[i, j])
+
+
+def pairs_per_row(problem_d: int, pattern) -> int:
+    if isinstance(pattern, PerRow):
+        return (problem_d - pattern.keep) * pattern.keep
+    return problem_d // pattern.m * (pattern.m - pattern.n) * pattern.n
+
+
+def batch_rows_for(d: int, pattern, itemsize: int, device: torch.device) -> int:
+    """Rows per batch so the dense scan's working set stays within a fixed budget."""
+    per_row = (d * d if isinstance(pattern, PerRow) else d * pattern.m) * itemsize * 2
+    budget = _CUDA_BATCH_BYTES if device.type == "cuda" else _CPU_BATCH_BYTES
+    return max(1, budget // per_row)
+
+
+def refine(problem: MaskProblem, mask: torch.Tensor, *, max_iters: int = 100, batch_rows: int | None = None,
+           device=None, dtype: torch.dtype = torch.float32, time_limit: float | None = None,
+           scan: ScanFn | None = None, progress: Callable[[int], None] | None = None) -> Solution:
+    """Run 1-swap refinement of `mask` on `problem`; the driver shared by every scan implementation."""
+    if max_iters < 0:
+        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
+    device = torch.device(device) if device is not None else problem.device
+    scan = scan or default_scan(problem.pattern)
+    gram = problem.gram.to(device=device, dtype=dtype)
+    gram64 = problem.gram.to(device=device, dtype=torch.float64)
+    batch_rows = batch_rows or batch_rows_for(problem.d, problem.pattern, gram.element_size(), device)
+    mask = mask.to(device).clone()
+    swaps = torch.zeros(problem.rows, dtype=torch.long, device=device)
+    converged = torch.zeros(problem.rows, dtype=torch.bool, device=device)
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    pairs = pairs_per_row(problem.d, problem.pattern)
+    stats = {"iterations": 0, "pairs_evaluated": 0, "timed_out": False}
+    for start in range(0, problem.rows, batch_rows):
+        rows = slice(start, min(start + batch_rows, problem.rows))
+        w64 = problem.weight[rows].to(device=device, dtype=torch.float64)
+        _refine_batch(w64, mask[rows], swaps[rows], converged[rows], gram, gram64, problem.pattern, max_iters,
+                      dtype, scan, deadline, pairs, stats)
+        if progress:
+            progress(rows.stop - rows.start)
+        if stats["timed_out"]:
+            break
+    if stats["timed_out"]:
+        termination = Termination.TIME_LIMIT
+    elif bool(converged.all()):
+        termination = Termination.LOCAL_OPTIMUM
+    else:
+        termination = Termination.ITERATION_LIMIT
+    extra = {"swaps": swaps.cpu(), "swaps_total": int(swaps.sum()), "rows_converged": int(converged.sum()),
+             "iterations": stats["iterations"], "pairs_evaluated": stats["pairs_evaluated"]}
+    return Solution(mask.to(problem.device), termination, extra=extra)
+
+
+def _refine_batch(w64, mask, swaps, converged, gram, gram64, pattern, max_iters, dtype, scan, deadline, pairs,
+                  stats) -> None:
+    """Refine a batch of rows in place (mask, swaps, converged are views into the full tensors)."""
+    c64 = (w64 * ~mask) @ gram64
+    w = w64.to(dtype)
+    active = torch.arange(len(w64), device=w64.device)
+    for iteration in range(max_iters):
+        if len(active) == 0:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            stats["timed_out"] = True
+            return
+        stats["iterations"] = max(stats["iterations"], iteration + 1)
+        stats["pairs_evaluated"] += len(active) * pairs
+        best, i, j = scan(w[active], mask[active], c64[active].to(dtype), gram, pattern)
+        exact = exact_deltas(w64[active], c64[active], gram64, i, j)
+        improving = (best < 0) & (exact < 0)
+        converged[active[~improving]] = True
+        rows, i, j = active[improving], i[improving], j[improving]
+        mask[rows, i] = True
+        mask[rows, j] = False
+        c64[rows] += w64[rows, j, None] * gram64[j] - w64[rows, i, None] * gram64[i]
+        swaps[rows] += 1
+        active = rows
+
+
+@register("swaps")
+class SwapsSolver(Solver):
+    """Exact best 1-swaps from a warm start (default: Wanda's mask). CPU or CUDA (option `device`)."""
+
+    warm_start = True
+    uses_device = True
+
+    def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, max_iters: int = 100,
+              batch_rows: int | None = None, device: str | None = None, dtype: str = "float32") -> Solution:
+        if warm_start is None:
+            warm_start = mask_from_scores(problem.wanda_scores(), problem.pattern)
+        return refine(problem, warm_start, max_iters=max_iters, batch_rows=batch_rows, device=device,
+                      dtype=_dtype(dtype), time_limit=time_limit)
+
+
+def _dtype(name: str) -> torch.dtype:
+    choices = {"float32": torch.float32, "float64": torch.float64}
+    if name not in choices:
+        raise ValueError(f"dtype must be one of {', '.join(choices)}, got {name!r}")
+    return choices[name]

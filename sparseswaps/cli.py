@@ -1,0 +1,60 @@
+"""The `sparseswaps` console script (argparse). Every command writes its resolved configuration into its output."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _solvers(args) -> int:
+    from .registry import solver_status
+
+    rows = solver_status()
+    print(f"{'solver':<11} {'available':<9} {'exact':<5} {'bound':<5} {'warm':<5} {'gpu':<4} patterns  note")
+    for row in rows:
+        flags = [("yes" if row[key] else "-") for key in ("available", "exact", "bound", "warm_start", "gpu")]
+        print(f"{row['name']:<11} {flags[0]:<9} {flags[1]:<5} {flags[2]:<5} {flags[3]:<5} {flags[4]:<4} "
+              f"{','.join(row['patterns']):<9} {row['reason']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparseswaps", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("solvers", help="list every backend, whether it runs here, its capabilities")
+    listing.set_defaults(run=_solvers)
+    for register in _COMMAND_MODULES:
+        register(commands)
+    return parser
+
+
+def _register_later_commands():
+    """Commands whose modules import heavy packages (transformers, matplotlib) only when they run."""
+    from . import commands
+    return commands.REGISTRARS
+
+
+_COMMAND_MODULES: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    _COMMAND_MODULES[:] = _register_later_commands()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as error:
+        print(f"sparseswaps {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .problem import ProblemError
+    from .registry import SolverError
+    from .errors import UserError
+    return (ProblemError, SolverError, UserError, FileNotFoundError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Subcommands beyond `solvers`; each registrar adds one argparse sub-parser."""
+
+REGISTRARS: list = []

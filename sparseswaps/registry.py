@@ -1,0 +1,238 @@
+"""The solver registry and the one entry point, `solve()`.
+
+Built-in backends live in the top-level `solvers` package and are listed explicitly below; third-party
+backends register through the entry-point group "sparseswaps.solvers" (see README, "Adding a solver").
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .problem import NM, MaskProblem, PerRow, ProblemError
+from .result import Solution, SolveResult, Termination
+
+ENTRY_POINT_GROUP = "sparseswaps.solvers"
+
+# name -> module that registers it; imported only when a solver is first asked for.
+BUILTIN_SOLVERS = {
+    "magnitude": "solvers.magnitude",
+    "wanda": "solvers.wanda",
+    "ria": "solvers.ria",
+    "sparsegpt": "solvers.sparsegpt",
+    "dsnot": "solvers.dsnot",
+    "swaps": "solvers.swaps",
+    "bruteforce": "solvers.bruteforce",
+    "scip": "solvers.scip",
+    "highs": "solvers.highs",
+}
+
+_REGISTRY: dict[str, type] = {}
+_loaded = False
+
+
+class SolverError(RuntimeError):
+    """A solver could not be found, is unavailable, or was called with options it does not take."""
+
+
+class Solver:
+    """Base class for backends: override `solve`; set the capability flags."""
+
+    name = ""
+    exact = False            # proves optimality when it finishes
+    gives_bound = False      # reports a valid lower bound
+    patterns: tuple = (PerRow, NM)
+    warm_start = False       # uses a warm-start mask
+    uses_device = False      # honours a `device` option (GPU)
+
+    def available(self) -> tuple[bool, str]:
+        """(True, "") or (False, why not). Must not import heavy optional packages."""
+        return True, ""
+
+    def version(self) -> str:
+        from . import __version__
+        return __version__
+
+    def solve(self, problem: MaskProblem, *, warm_start: torch.Tensor | None = None,
+              time_limit: float | None = None, seed: int = 0) -> Solution:
+        raise NotImplementedError
+
+
+def register(name: str):
+    """Class decorator: make a Solver subclass available as `name`."""
+    def decorate(cls):
+        if not (isinstance(cls, type) and callable(getattr(cls, "solve", None))):
+            raise SolverError(f"register({name!r}) needs a class with a solve() method")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return decorate
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in BUILTIN_SOLVERS.values():
+        importlib.import_module(module)
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name not in _REGISTRY:
+            register(entry.name)(entry.load())
+
+
+def solver_classes() -> dict[str, type]:
+    _load_all()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def available_solvers() -> list[str]:
+    """Names of the registered solvers that can run here."""
+    return [name for name, cls in solver_classes().items() if cls().available()[0]]
+
+
+def solver_status() -> list[dict]:
+    """Every registered solver: availability (and why not) and capabilities."""
+    rows = []
+    for name, cls in solver_classes().items():
+        ok, why = cls().available()
+        rows.append({"name": name, "available": ok, "reason": why, "exact": cls.exact,
+                     "bound": cls.gives_bound, "warm_start": cls.warm_start, "gpu": cls.uses_device,
+                     "patterns": [p.__name__ for p in cls.patterns]})
+    return rows
+
+
+def get_solver(name: str) -> Solver:
+    classes = solver_classes()
+    if name not in classes:
+        raise SolverError(f"unknown solver {name!r}. Registered: {', '.join(classes)}. "
+                          f"Third-party solvers register through the entry-point group {ENTRY_POINT_GROUP!r}.")
+    solver = classes[name]()
+    ok, why = solver.available()
+    if not ok:
+        usable = ", ".join(available_solvers())
+        raise SolverError(f"solver {name!r} is not available here: {why}. Available: {usable}")
+    return solver
+
+
+SolverSpec = str | Solver | Callable | Sequence
+
+
+def solve(problem: MaskProblem, solver: SolverSpec, *, warm_start: torch.Tensor | SolverSpec | None = None,
+          time_limit: float | None = None, seed: int = 0, **options) -> SolveResult:
+    """Solve `problem` with `solver` (a registered name, a Solver, a callable, or a list = a chain).
+
+    A chain ["wanda", "swaps", "scip"] hands each result to the next as its warm start; `options` go to
+    the last stage. `warm_start` is a bool mask (True = keep) or a solver (spec) that produces one.
+    The returned objective is always recomputed here in float64 from the mask.
+    """
+    if not isinstance(problem, MaskProblem):
+        raise ProblemError(f"solve() takes a MaskProblem, got {type(problem).__name__}")
+    if time_limit is not None and not time_limit > 0:
+        raise SolverError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    if isinstance(solver, (list, tuple)):
+        return _solve_chain(problem, list(solver), warm_start, time_limit, seed, options)
+    if warm_start is not None and not isinstance(warm_start, torch.Tensor):
+        if not _is_solver_spec(warm_start):
+            raise ProblemError(f"warm start must be a torch.Tensor of dtype bool (True = keep) or a solver, "
+                               f"got {type(warm_start).__name__}")
+        first = solve(problem, warm_start, time_limit=time_limit, seed=seed)
+        return _solve_chain(problem, [solver], first, time_limit, seed, options)
+    if warm_start is not None:
+        warm_start = problem.check_mask(warm_start, "warm start")
+    return _solve_one(problem, solver, warm_start, time_limit, seed, options)
+
+
+def _solve_chain(problem, stages, warm_start, time_limit, seed, options) -> SolveResult:
+    if not stages:
+        raise SolverError("an empty solver chain: give at least one solver")
+    history = [warm_start] if isinstance(warm_start, SolveResult) else []
+    current = warm_start.mask if isinstance(warm_start, SolveResult) else warm_start
+    for index, stage in enumerate(stages):
+        stage_options = options if index == len(stages) - 1 else {}
+        result = solve(problem, stage, warm_start=current, time_limit=time_limit, seed=seed, **stage_options)
+        history.append(result)
+        current = result.mask
+    final = history[-1]
+    if len(history) > 1:
+        final.extra["chain"] = [{"solver": r.solver, "objective": r.objective, "runtime_s": r.runtime_s,
+                                 "termination": r.termination.value} for r in history]
+        final.extra["warm_start_objective"] = history[-2].objective
+        final.extra["warm_start_row_objective"] = history[-2].row_objective
+        final.runtime_s = sum(r.runtime_s for r in history)
+    return final
+
+
+def _solve_one(problem, solver, warm_start, time_limit, seed, options) -> SolveResult:
+    instance, name = _instantiate(solver)
+    if not isinstance(problem.pattern, instance.patterns):
+        raise SolverError(f"solver {name!r} does not handle {type(problem.pattern).__name__} patterns "
+                          f"({problem.pattern}); it handles {', '.join(p.__name__ for p in instance.patterns)}")
+    _check_options(instance, name, options)
+    _synchronize(problem.device)
+    start = time.perf_counter()
+    solution = instance.solve(problem, warm_start=warm_start, time_limit=time_limit, seed=seed, **options)
+    _synchronize(problem.device)
+    runtime = time.perf_counter() - start
+    if isinstance(solution, torch.Tensor):
+        solution = Solution(solution)
+    mask = problem.check_mask(solution.mask, f"the mask returned by solver {name!r}")
+    row_objective = problem.objective(mask)
+    row_bound = solution.row_bound
+    bound = float(row_bound.sum()) if row_bound is not None else float("-inf")
+    return SolveResult(mask=mask, objective=float(row_objective.sum()), row_objective=row_objective,
+                       termination=Termination(solution.termination), runtime_s=runtime, solver=name,
+                       solver_version=instance.version(),
+                       options={"time_limit": time_limit, "seed": seed, **options},
+                       bound=bound, row_bound=row_bound, extra=solution.extra)
+
+
+def _is_solver_spec(spec) -> bool:
+    if isinstance(spec, (list, tuple)):
+        return len(spec) > 0 and all(_is_solver_spec(item) for item in spec)
+    return isinstance(spec, (str, Solver)) or callable(spec)
+
+
+class _CallableSolver(Solver):
+    """Adapts a plain function f(problem, warm_start=..., time_limit=..., seed=..., **options)."""
+
+    def __init__(self, function):
+        self.function = function
+        self.name = getattr(function, "__name__", "callable")
+
+    def solve(self, problem, *, warm_start=None, time_limit=None, seed=0, **options):
+        return self.function(problem, warm_start=warm_start, time_limit=time_limit, seed=seed, **options)
+
+
+def _instantiate(solver) -> tuple[Solver, str]:
+    if isinstance(solver, str):
+        instance = get_solver(solver)
+        return instance, solver
+    if isinstance(solver, Solver):
+        return solver, solver.name or type(solver).__name__
+    if isinstance(solver, type) and issubclass(solver, Solver):
+        return solver(), solver.name or solver.__name__
+    if callable(solver):
+        instance = _CallableSolver(solver)
+        return instance, instance.name
+    raise SolverError(f"solver must be a name, a Solver, a callable or a list of those; got {solver!r}")
+
+
+def _check_options(instance: Solver, name: str, options: dict) -> None:
+    parameters = inspect.signature(instance.solve).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [p for p in parameters if p not in ("problem", "warm_start", "time_limit", "seed")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise SolverError(f"solver {name!r} does not take option(s) {', '.join(unknown)}; "
+                          f"it takes: {', '.join(accepted) or 'none'}")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,116 @@
+"""What every backend returns: a mask, its float64 objective, a certified bound where one exists."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+
+class Termination(str, Enum):
+    OPTIMAL = "optimal"                  # proven optimal (every row)
+    LOCAL_OPTIMUM = "local_optimum"      # no improving move of the method's kind is left
+    TIME_LIMIT = "time_limit"            # stopped by the time limit; best mask found so far
+    ITERATION_LIMIT = "iteration_limit"  # stopped by an iteration limit
+    HEURISTIC = "heuristic"              # a one-pass rule with no optimality claim
+    ERROR = "error"
+
+
+@dataclass
+class Solution:
+    """What a backend hands back to `sparseswaps.solve`, which measures and completes it."""
+
+    mask: torch.Tensor
+    termination: Termination = Termination.HEURISTIC
+    row_bound: torch.Tensor | None = None      # valid per-row lower bounds, float64
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class SolveResult:
+    mask: torch.Tensor                   # bool [rows, d], True = keep
+    objective: float                     # total, recomputed in float64 from the mask
+    row_objective: torch.Tensor          # float64 [rows]
+    termination: Termination
+    runtime_s: float                     # wall time, CUDA-synchronised
+    solver: str
+    solver_version: str
+    options: dict = field(default_factory=dict)
+    bound: float = -math.inf             # valid lower bound on the optimum, sum of row bounds
+    row_bound: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gap(self) -> float:
+        """(objective - bound) / objective: 0 when proven optimal, inf without a bound."""
+        if self.objective == 0:
+            return 0.0
+        if self.bound == -math.inf:
+            return math.inf
+        return max(0.0, (self.objective - self.bound) / self.objective)
+
+    def summary(self) -> dict:
+        """JSON-ready description (no tensors)."""
+        return {
+            "solver": self.solver,
+            "solver_version": self.solver_version,
+            "termination": self.termination.value,
+            "objective": self.objective,
+            "bound": _json_float(self.bound),
+            "gap": _json_float(self.gap),
+            "runtime_s": self.runtime_s,
+            "options": _jsonable(self.options),
+            "extra": _jsonable(self.extra),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Mask and per-row numbers to `path`.safetensors, the rest to `path`.json."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {"mask": self.mask.cpu().contiguous(), "row_objective": self.row_objective.cpu()}
+        if self.row_bound is not None:
+            tensors["row_bound"] = self.row_bound.cpu().to(torch.float64)
+        save_file(tensors, str(path.with_suffix(".safetensors")))
+        path.with_suffix(".json").write_text(json.dumps(self.summary(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SolveResult":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        tensors = load_file(str(path.with_suffix(".safetensors")))
+        meta = json.loads(path.with_suffix(".json").read_text())
+        bound = meta["bound"]
+        return cls(mask=tensors["mask"], objective=meta["objective"], row_objective=tensors["row_objective"],
+                   termination=Termination(meta["termination"]), runtime_s=meta["runtime_s"],
+                   solver=meta["solver"], solver_version=meta["solver_version"], options=meta["options"],
+                   bound=-math.inf if bound is None else bound, row_bound=tensors.get("row_bound"),
+                   extra=meta["extra"])
+
+
+def _json_float(value: float) -> float | None:
+    return None if math.isinf(value) or math.isnan(value) else value
+
+
+def _jsonable(value):
+    """Drop what JSON cannot hold (tensors, callables); keep numbers, strings, lists and dicts."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items() if _jsonable(v) is not _DROP}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value if _jsonable(v) is not _DROP]
+    if isinstance(value, float):
+        return _json_float(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return _DROP
+
+
+_DROP = object()

@@ -1,0 +1,95 @@
+import importlib.metadata
+import json
+
+import pytest
+import torch
+
+import sparseswaps as ss
+from sparseswaps import registry
+from conftest import make_problem
+
+
+def test_unknown_solver_lists_the_registered_ones():
+    problem, _ = make_problem(sparsity=0.5)
+    with pytest.raises(ss.SolverError, match="unknown solver 'nope'.*wanda"):
+        ss.solve(problem, "nope")
+
+
+def test_unknown_option_names_the_accepted_ones():
+    problem, _ = make_problem(sparsity=0.5)
+    with pytest.raises(ss.SolverError, match="does not take option.*max_iters.*takes: alpha"):
+        ss.solve(problem, "ria", max_iters=3)
+
+
+def test_unavailable_solver_says_why(monkeypatch):
+    problem, _ = make_problem(sparsity=0.5)
+    monkeypatch.setattr(ss.solver_classes()["scip"], "available", lambda self: (False, "pyscipopt missing"))
+    with pytest.raises(ss.SolverError, match="not available here: pyscipopt missing"):
+        ss.solve(problem, "scip")
+    assert "scip" not in ss.available_solvers()
+
+
+def test_a_callable_is_a_solver_and_its_objective_is_recomputed():
+    problem, _ = make_problem(sparsity=0.5)
+
+    def keep_first_half(problem, **_):
+        mask = torch.zeros_like(problem.weight, dtype=torch.bool)
+        mask[:, : problem.keep] = True
+        return mask
+
+    result = ss.solve(problem, keep_first_half)
+    assert result.solver == "keep_first_half"
+    assert result.objective == pytest.approx(problem.total_objective(result.mask), rel=0)
+
+
+def test_an_infeasible_solver_output_is_caught():
+    problem, _ = make_problem(sparsity=0.5)
+    with pytest.raises(ss.ProblemError, match="returned by solver"):
+        ss.solve(problem, lambda problem, **_: torch.ones_like(problem.weight, dtype=torch.bool))
+
+
+def test_chain_passes_each_result_on():
+    problem, _ = make_problem("outliers", rows=4, d=32, seed=3, sparsity=0.6)
+    result = ss.solve(problem, ["magnitude", "swaps"])
+    stages = result.extra["chain"]
+    assert [s["solver"] for s in stages] == ["magnitude", "swaps"]
+    assert stages[0]["objective"] >= stages[1]["objective"]
+    assert result.extra["warm_start_objective"] == stages[0]["objective"]
+
+
+def test_entry_point_solvers_are_registered(monkeypatch):
+    class ThirdParty(ss.Solver):
+        def solve(self, problem, *, warm_start=None, time_limit=None, seed=0):
+            return ss.mask_from_scores(-problem.weight.abs(), problem.pattern)
+
+    class FakeEntryPoint:
+        name = "third_party"
+
+        def load(self):
+            return ThirdParty
+
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [FakeEntryPoint()] if group == registry.ENTRY_POINT_GROUP else real(group=group))
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    assert "third_party" in ss.available_solvers()
+    problem, _ = make_problem(sparsity=0.5)
+    assert ss.solve(problem, "third_party").solver == "third_party"
+
+
+def test_result_round_trips_through_safetensors_and_json(tmp_path):
+    problem, _ = make_problem(sparsity=0.5)
+    result = ss.solve(problem, "bruteforce")
+    result.save(tmp_path / "r")
+    loaded = ss.SolveResult.load(tmp_path / "r")
+    assert torch.equal(loaded.mask, result.mask)
+    assert loaded.objective == result.objective and loaded.bound == result.bound
+    assert json.loads((tmp_path / "r.json").read_text())["termination"] == "optimal"
+    assert loaded.gap == pytest.approx(result.gap)
+
+
+def test_gap_is_zero_when_proven_and_inf_without_bound():
+    problem, _ = make_problem(sparsity=0.5)
+    assert ss.solve(problem, "bruteforce").gap == pytest.approx(0, abs=1e-12)
+    assert ss.solve(problem, "wanda").gap == float("inf")

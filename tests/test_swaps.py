@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+import sparseswaps as ss
+from sparseswaps import NM, mask_from_scores
+from conftest import make_problem
+
+
+def best_swap_by_enumeration(problem, mask) -> torch.Tensor:
+    """Per row, the best objective change over every feasible 1-swap, recomputed from scratch in float64."""
+    base = problem.objective(mask)
+    best = torch.zeros(problem.rows, dtype=torch.float64)
+    for row in range(problem.rows):
+        for i in (~mask[row]).nonzero().flatten().tolist():
+            for j in mask[row].nonzero().flatten().tolist():
+                if isinstance(problem.pattern, NM) and i // problem.pattern.m != j // problem.pattern.m:
+                    continue
+                swapped = mask.clone()
+                swapped[row, i], swapped[row, j] = True, False
+                best[row] = min(best[row], problem.objective(swapped)[row] - base[row])
+    return best
+
+
+@pytest.mark.parametrize("family", ["iid", "correlated", "outliers"])
+def test_swaps_leaves_no_improving_swap(family, pattern):
+    problem, _ = make_problem(family, rows=4, d=16, seed=11, **pattern)
+    result = ss.solve(problem, "swaps", dtype="float64")
+    assert result.termination == ss.Termination.LOCAL_OPTIMUM
+    improvement = best_swap_by_enumeration(problem, result.mask)
+    assert (improvement >= -1e-9 * result.row_objective).all()
+
+
+def test_float32_scan_reaches_a_local_optimum_too(pattern):
+    problem, _ = make_problem("outliers", rows=6, d=32, seed=5, **pattern)
+    result = ss.solve(problem, "swaps")
+    improvement = best_swap_by_enumeration(problem, result.mask)
+    # float32 scan, float64 check: only swaps within float32 rounding of the row error can be missed
+    assert (improvement >= -1e-5 * result.row_objective).all()
+
+
+def test_swaps_never_increase_the_objective_and_count_swaps():
+    problem, _ = make_problem("correlated", rows=8, d=64, seed=2, sparsity=0.6)
+    wanda = ss.solve(problem, "wanda")
+    result = ss.solve(problem, "swaps", warm_start=wanda.mask)
+    assert (result.row_objective <= wanda.row_objective).all()
+    changed = (result.mask != wanda.mask).sum(1)
+    assert (changed <= 2 * result.extra["swaps"]).all()
+    assert result.extra["swaps_total"] == int(result.extra["swaps"].sum())
+
+
+@pytest.mark.parametrize("batch_rows", [1, 3, 64])
+def test_batching_does_not_change_the_result(batch_rows):
+    problem, _ = make_problem("outliers", rows=7, d=24, seed=4, sparsity=0.5)
+    reference = ss.solve(problem, "swaps", batch_rows=100)
+    assert torch.equal(ss.solve(problem, "swaps", batch_rows=batch_rows).mask, reference.mask)
+
+
+def test_iteration_limit_is_reported():
+    problem, _ = make_problem("outliers", rows=4, d=64, seed=1, sparsity=0.5)
+    result = ss.solve(problem, "swaps", warm_start="magnitude", max_iters=1)
+    assert result.termination == ss.Termination.ITERATION_LIMIT
+    assert result.extra["iterations"] == 1
+
+
+def test_default_warm_start_is_wanda():
+    problem, _ = make_problem("correlated", rows=4, d=32, seed=9, sparsity=0.5)
+    assert torch.equal(ss.solve(problem, "swaps").mask, ss.solve(problem, ["wanda", "swaps"]).mask)
+
+
+def test_bad_options_are_rejected():
+    problem, _ = make_problem(sparsity=0.5)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ss.solve(problem, "swaps", dtype="float16")
+    with pytest.raises(ValueError, match="max_iters must be >= 0"):
+        ss.solve(problem, "swaps", max_iters=-1)
