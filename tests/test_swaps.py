@@ -73,3 +73,10 @@ def test_bad_options_are_rejected():
         ss.solve(problem, "swaps", dtype="float16")
     with pytest.raises(ValueError, match="max_iters must be >= 0"):
         ss.solve(problem, "swaps", max_iters=-1)
+
+
+def test_wide_rows_stay_feasible():
+    """Regression: index keys built in int8 overflowed from d = 128 on."""
+    problem, _ = make_problem("outliers", rows=3, d=160, seed=8, sparsity=0.5)
+    result = ss.solve(problem, "swaps")
+    assert problem.is_feasible(result.mask) and result.extra["swaps_total"] > 0

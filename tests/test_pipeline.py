@@ -1,0 +1,110 @@
+"""Integration: tiny random models (Llama and OPT) through the whole pipeline on CPU."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparseswaps import cli
+from sparseswaps.data import evaluation_windows
+from sparseswaps.evaluate import perplexity
+from sparseswaps.models import load_model
+from sparseswaps.pipeline import PruneConfig, prune_model
+from tiny_models import save_tiny
+
+QUICK = dict(nsamples=4, seqlen=64, eval=("wikitext2",), eval_windows=4)
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def tiny(request, tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def test_prune_end_to_end_save_and_reload(tiny, tmp_path):
+    out, save = tmp_path / "run.json", tmp_path / "model"
+    results = prune_model(PruneConfig(model=str(tiny), pattern="2:4", **QUICK), out, save)
+    assert json.loads(out.read_text())["summary"]["layers"] == len(results["layers"]) > 0
+    assert out.with_suffix(".png").is_file()
+    masks = load_file(str(save / "masks.safetensors"))
+    for name, mask in masks.items():
+        assert (mask.view(mask.shape[0], -1, 4).sum(2) == 2).all(), name
+    assert all(row["objective"] <= row["warm_start_objective"] for row in results["layers"])
+    # Loading the saved model back gives the same perplexity.
+    model, tokenizer, _ = load_model(str(save))
+    windows = evaluation_windows("wikitext2", tokenizer, 64, max_windows=4)
+    assert perplexity(model, windows, "cpu")["ppl"] == pytest.approx(results["perplexity"]["pruned"]["wikitext2"]["ppl"], rel=1e-6)
+    weights = dict(model.named_parameters())
+    for name, mask in masks.items():
+        assert (weights[f"{name}.weight"][~mask] == 0).all()
+
+
+def test_resume_gives_the_same_result(tmp_path):
+    tiny = save_tiny(tmp_path / "llama", "llama")
+    config = PruneConfig(model=str(tiny), sparsity=0.6, **QUICK)
+    reference = prune_model(config, tmp_path / "a.json", tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        prune_model(config, tmp_path / "b.json", tmp_path / "b", stop_after_block=0)
+    assert not (tmp_path / "b.json").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(Exception, match="pass --resume"):
+        prune_model(config, tmp_path / "b.json", tmp_path / "b")
+    resumed = prune_model(config, tmp_path / "b.json", tmp_path / "b", resume=True)
+    assert resumed["perplexity"] == reference["perplexity"]
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dense_perplexity_matches_an_independent_computation(tiny):
+    model, tokenizer, _ = load_model(str(tiny))
+    windows = evaluation_windows("wikitext2", tokenizer, 64, max_windows=6)
+    ours = perplexity(model, windows, "cpu")["ppl"]
+    with torch.no_grad():   # transformers' own shifted loss, window by window
+        losses = [model(w.unsqueeze(0), labels=w.unsqueeze(0)).loss.item() for w in windows.input_ids]
+    assert ours == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+
+
+def run_cli(argv, capsys):
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "1.5"], "strictly between 0 and 1"),
+    (["--pattern", "2:5"], "not divisible by M=5"),
+    (["--seqlen", "100000"], "exceeds the model's 1024 positions"),
+    (["--solver", "nope"], "unknown solver 'nope'"),
+    (["--eval", "lambada"], "unknown --eval corpus lambada"),
+])
+def test_bad_prune_input_exits_with_a_clear_message(tiny, tmp_path, capsys, extra, message):
+    out = tmp_path / "r.json"
+    code, err = run_cli(["prune", "--model", str(tiny), "--nsamples", "2", "--out", str(out)] + extra, capsys)
+    assert code == 2 and message in err
+    assert not out.exists()
+
+
+def test_unknown_model_path(tmp_path, capsys):
+    code, err = run_cli(["prune", "--model", str(tmp_path / "missing"), "--nsamples", "2"], capsys)
+    assert code == 2 and "neither a local folder nor a .gguf file" in err
+
+
+def test_model_without_linear_layers(tmp_path, capsys, monkeypatch):
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    class Packed(torch.nn.Linear):
+        """Stands in for a packed/quantised linear that must not be pruned."""
+
+    model = tiny_model("llama")
+    for block in model.model.layers:
+        for module in block.modules():
+            if type(module) is torch.nn.Linear:
+                module.__class__ = Packed
+    monkeypatch.setattr("sparseswaps.pipeline.load_model", lambda spec, dtype: (model, tiny_tokenizer(), {}))
+    code, err = run_cli(["prune", "--model", "x", "--nsamples", "2"], capsys)
+    assert code == 2 and "contain no nn.Linear layers" in err
+
+
+def test_existing_output_is_never_overwritten(tiny, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    out.write_text("{}")
+    code, err = run_cli(["prune", "--model", str(tiny), "--out", str(out)], capsys)
+    assert code == 2 and "already exists" in err and out.read_text() == "{}"
