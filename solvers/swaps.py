@@ -18,6 +18,8 @@ import torch
 
 from sparseswaps import NM, MaskProblem, PerRow, Solution, Solver, Termination, mask_from_scores, register
 
+from . import swaps_cpu, swaps_triton
+
 # Working-set budget of one row batch of the dense scan, in bytes.
 _CPU_BATCH_BYTES = 32 << 20
 _CUDA_BATCH_BYTES = 2 << 30
@@ -68,8 +70,27 @@ def scan_nm(w, mask, c, gram, pattern: NM) -> tuple[torch.Tensor, torch.Tensor, 
     return best, group * m + within // m, group * m + within % m
 
 
-def default_scan(pattern) -> ScanFn:
-    return scan_nm if isinstance(pattern, NM) else scan_per_row
+def choose_scan(pattern, device: torch.device, engine: str = "auto") -> tuple[ScanFn, bool]:
+    """(scan function, whether it needs a dense [rows, p, d] working set). N:M scans are always cheap torch."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if isinstance(pattern, NM):
+        return scan_nm, True
+    if engine == "auto":
+        engine = ("numba" if swaps_cpu.AVAILABLE else "torch") if device.type == "cpu" else (
+            "triton" if swaps_triton.AVAILABLE else "torch")
+    if engine == "triton":
+        if device.type != "cuda" or not swaps_triton.AVAILABLE:
+            raise ValueError("engine 'triton' runs on CUDA devices and needs triton installed")
+        return swaps_triton.scan_per_row_triton, False
+    if engine == "numba":
+        if device.type != "cpu" or not swaps_cpu.AVAILABLE:
+            raise ValueError("engine 'numba' runs on the CPU and needs numba installed (pip install numba)")
+        return swaps_cpu.scan_per_row_numba, False
+    return scan_per_row, True
+
+
+ENGINES = ("auto", "torch", "numba", "triton")
 
 
 def exact_deltas(w64, c64, gram64, i, j) -> torch.Tensor:
@@ -95,30 +116,42 @@ def batch_rows_for(d: int, pattern, itemsize: int, device: torch.device) -> int:
 
 def refine(problem: MaskProblem, mask: torch.Tensor, *, max_iters: int = 100, batch_rows: int | None = None,
            device=None, dtype: torch.dtype = torch.float32, time_limit: float | None = None,
-           scan: ScanFn | None = None, progress: Callable[[int], None] | None = None) -> Solution:
+           engine: str = "auto", progress: Callable[[int], None] | None = None) -> Solution:
     """Run 1-swap refinement of `mask` on `problem`; the driver shared by every scan implementation."""
     if max_iters < 0:
         raise ValueError(f"max_iters must be >= 0, got {max_iters}")
     device = torch.device(device) if device is not None else problem.device
-    scan = scan or default_scan(problem.pattern)
+    scan, dense = choose_scan(problem.pattern, device, engine)
     gram = problem.gram.to(device=device, dtype=dtype)
     gram64 = problem.gram.to(device=device, dtype=torch.float64)
-    batch_rows = batch_rows or batch_rows_for(problem.d, problem.pattern, gram.element_size(), device)
+    if batch_rows is None:
+        batch_rows = batch_rows_for(problem.d, problem.pattern, gram.element_size(), device) if dense else problem.rows
     mask = mask.to(device).clone()
     swaps = torch.zeros(problem.rows, dtype=torch.long, device=device)
+    done = torch.zeros(problem.rows, dtype=torch.long, device=device)      # iterations run per row
     converged = torch.zeros(problem.rows, dtype=torch.bool, device=device)
     deadline = None if time_limit is None else time.monotonic() + time_limit
     pairs = pairs_per_row(problem.d, problem.pattern)
-    stats = {"iterations": 0, "pairs_evaluated": 0, "timed_out": False}
-    for start in range(0, problem.rows, batch_rows):
-        rows = slice(start, min(start + batch_rows, problem.rows))
+    stats = {"iterations": 0, "pairs_evaluated": 0, "timed_out": False, "batch_rows": batch_rows}
+    start = 0
+    while start < problem.rows:
+        rows = slice(start, min(start + stats["batch_rows"], problem.rows))
         w64 = problem.weight[rows].to(device=device, dtype=torch.float64)
-        _refine_batch(w64, mask[rows], swaps[rows], converged[rows], gram, gram64, problem.pattern, max_iters,
-                      dtype, scan, deadline, pairs, stats)
+        try:
+            _refine_batch(w64, mask[rows], swaps[rows], done[rows], converged[rows], gram, gram64,
+                          problem.pattern, max_iters, dtype, scan, deadline, pairs, stats)
+        except torch.cuda.OutOfMemoryError:
+            if stats["batch_rows"] == 1:
+                raise
+            # Every applied swap is exact, so the batch resumes from where it stood with half the rows.
+            stats["batch_rows"] = max(1, stats["batch_rows"] // 2)
+            torch.cuda.empty_cache()
+            continue
         if progress:
             progress(rows.stop - rows.start)
         if stats["timed_out"]:
             break
+        start = rows.stop
     if stats["timed_out"]:
         termination = Termination.TIME_LIMIT
     elif bool(converged.all()):
@@ -126,34 +159,34 @@ def refine(problem: MaskProblem, mask: torch.Tensor, *, max_iters: int = 100, ba
     else:
         termination = Termination.ITERATION_LIMIT
     extra = {"swaps": swaps.cpu(), "swaps_total": int(swaps.sum()), "rows_converged": int(converged.sum()),
-             "iterations": stats["iterations"], "pairs_evaluated": stats["pairs_evaluated"]}
+             "iterations": stats["iterations"], "pairs_evaluated": stats["pairs_evaluated"],
+             "batch_rows": stats["batch_rows"]}
     return Solution(mask.to(problem.device), termination, extra=extra)
 
 
-def _refine_batch(w64, mask, swaps, converged, gram, gram64, pattern, max_iters, dtype, scan, deadline, pairs,
-                  stats) -> None:
-    """Refine a batch of rows in place (mask, swaps, converged are views into the full tensors)."""
+def _refine_batch(w64, mask, swaps, done, converged, gram, gram64, pattern, max_iters, dtype, scan, deadline,
+                  pairs, stats) -> None:
+    """Refine a batch of rows in place (mask, swaps, done, converged are views into the full tensors)."""
     c64 = (w64 * ~mask) @ gram64
     w = w64.to(dtype)
-    active = torch.arange(len(w64), device=w64.device)
-    for iteration in range(max_iters):
-        if len(active) == 0:
-            break
+    active = ((done < max_iters) & ~converged).nonzero().flatten()
+    while len(active):
         if deadline is not None and time.monotonic() > deadline:
             stats["timed_out"] = True
             return
-        stats["iterations"] = max(stats["iterations"], iteration + 1)
         stats["pairs_evaluated"] += len(active) * pairs
         best, i, j = scan(w[active], mask[active], c64[active].to(dtype), gram, pattern)
         exact = exact_deltas(w64[active], c64[active], gram64, i, j)
         improving = (best < 0) & (exact < 0)
+        done[active] += 1
+        stats["iterations"] = max(stats["iterations"], int(done[active].max()))
         converged[active[~improving]] = True
         rows, i, j = active[improving], i[improving], j[improving]
         mask[rows, i] = True
         mask[rows, j] = False
         c64[rows] += w64[rows, j, None] * gram64[j] - w64[rows, i, None] * gram64[i]
         swaps[rows] += 1
-        active = rows
+        active = rows[done[rows] < max_iters]
 
 
 @register("swaps")
@@ -164,11 +197,12 @@ class SwapsSolver(Solver):
     uses_device = True
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, max_iters: int = 100,
-              batch_rows: int | None = None, device: str | None = None, dtype: str = "float32") -> Solution:
+              batch_rows: int | None = None, device: str | None = None, dtype: str = "float32",
+              engine: str = "auto") -> Solution:
         if warm_start is None:
             warm_start = mask_from_scores(problem.wanda_scores(), problem.pattern)
         return refine(problem, warm_start, max_iters=max_iters, batch_rows=batch_rows, device=device,
-                      dtype=_dtype(dtype), time_limit=time_limit)
+                      dtype=_dtype(dtype), time_limit=time_limit, engine=engine)
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -37,8 +37,8 @@ def add_prune(commands) -> None:
     group.add_argument("--sparsity", type=float, help="share of every row pruned (default 0.5)")
     group.add_argument("--pattern", help="N:M pattern, keep N of every M consecutive inputs, e.g. 2:4")
     parser.add_argument("--protocol", default="quick", choices=["quick", "paper"],
-                        help="quick: 16 x 512 calibration, 32 WikiText-2 windows; paper: 128 x 2048, full "
-                             "WikiText-2 and C4 (default: quick)")
+                        help="quick: 16 x 512 calibration, 32 WikiText-2 windows, <= 5 swap iterations; paper: "
+                             "128 x 2048, full WikiText-2 and C4, <= 100 swap iterations (default: quick)")
     parser.add_argument("--nsamples", type=int, help="calibration windows (overrides the protocol)")
     parser.add_argument("--seqlen", type=int, help="tokens per window (overrides the protocol)")
     parser.add_argument("--seed", type=int, default=0)

@@ -25,10 +25,12 @@ from .models import load_model, needs_bos_per_window
 from .problem import MaskProblem, PerRow, ProblemError, resolve_pattern
 from .registry import get_solver, solve
 
-# The quick protocol (the default) finishes in minutes on 2 CPU cores; the paper protocol is SparseGPT/Wanda's.
+# The quick protocol (the default) finishes in minutes on 2 CPU cores: small calibration, 32 evaluation
+# windows, and at most 5 swap iterations per row (on this kind of CPU one iteration over all of
+# SmolLM2's rows costs ~40 s). The paper protocol is SparseGPT/Wanda's, with 100 swap iterations.
 PROTOCOLS = {
-    "quick": {"nsamples": 16, "seqlen": 512, "eval": ("wikitext2",), "eval_windows": 32},
-    "paper": {"nsamples": 128, "seqlen": 2048, "eval": ("wikitext2", "c4"), "eval_windows": None},
+    "quick": {"nsamples": 16, "seqlen": 512, "eval": ("wikitext2",), "eval_windows": 32, "swap_iters": 5},
+    "paper": {"nsamples": 128, "seqlen": 2048, "eval": ("wikitext2", "c4"), "eval_windows": None, "swap_iters": 100},
 }
 
 
@@ -60,7 +62,7 @@ class PruneConfig:
             self, nsamples=self.nsamples or preset["nsamples"], seqlen=self.seqlen or preset["seqlen"],
             eval=tuple(preset["eval"] if self.eval is None else self.eval),
             eval_windows=preset["eval_windows"] if self.eval_windows == -1 else self.eval_windows,
-            device=_auto_device(self.device))
+            device=_auto_device(self.device), solver_options=self._solver_options(preset))
         if config.pattern is not None:
             config = dataclasses.replace(config, sparsity=None)
         resolve_pattern(64 * 64, config.sparsity, config.pattern)   # range and syntax; widths checked per layer
@@ -74,6 +76,12 @@ class PruneConfig:
         if config.bos_per_window not in ("auto", "yes", "no"):
             raise UserError("--bos-per-window must be auto, yes or no")
         return config
+
+    def _solver_options(self, preset: dict) -> dict:
+        """The protocol's swap-iteration cap applies to the swaps solver unless max_iters is given."""
+        if self.solver == "swaps" and "max_iters" not in self.solver_options:
+            return {**self.solver_options, "max_iters": preset["swap_iters"]}
+        return dict(self.solver_options)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()
@@ -91,14 +99,17 @@ def _auto_device(device: str) -> str:
 
 
 def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None = None, *, resume: bool = False,
-                checkpoint: Path | None = None, stop_after_block: int | None = None) -> dict:
+                checkpoint: Path | None = None, stop_after_block: int | None = None,
+                dense_cache: dict | None = None, checkpointing: bool = True) -> dict:
     """Run the whole pipeline and return the result dictionary (also written to `out` when given).
 
-    `stop_after_block` stops after that block's checkpoint (used to test resumption).
+    `stop_after_block` stops after that block's checkpoint (used to test resumption). `dense_cache` lets a
+    caller running several configurations on one model evaluate the dense model once. Without
+    `checkpointing` nothing is written per block (faster; not resumable).
     """
     config = config.resolved()
     checkpoint = checkpoint or _default_checkpoint(out, save)
-    _check_outputs(out, save, checkpoint, resume)
+    _check_outputs(out, save, checkpoint if checkpointing else None, resume)
     model, tokenizer, model_info = load_model(config.model, _DTYPES[config.dtype])
     bos = needs_bos_per_window(model) if config.bos_per_window == "auto" else config.bos_per_window == "yes"
     prefix, blocks = find_blocks(model)
@@ -112,7 +123,12 @@ def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None 
     _check_seqlen_fits(model, config.seqlen)
     if state is None:
         samples = calibration_windows(tokenizer, config.nsamples, config.seqlen, config.seed, bos_per_window=bos)
-        dense = _evaluate(model, tokenizer, config, device, bos)
+        dense_key = json.dumps([model_info.get("sha256", model_info.get("source")), config.eval, config.seqlen,
+                                config.eval_windows, bos, config.dtype])
+        cache = dense_cache if dense_cache is not None else {}
+        if dense_key not in cache:
+            cache[dense_key] = _evaluate(model, tokenizer, config, device, bos)
+        dense = cache[dense_key]
         inputs = capture_block_inputs(model.cpu(), blocks, samples.input_ids)
         state = {"next_block": 0, "layers": [], "dense": dense, "calibration": samples.info,
                  "hidden": inputs.hidden, "kwargs": inputs.kwargs, "masks": {}}
@@ -121,7 +137,8 @@ def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None 
     for index in progress:
         _prune_block(index, blocks[index], f"{prefix}.{index}", state, config, device)
         state["next_block"] = index + 1
-        _write_checkpoint(checkpoint, config, state, blocks)
+        if checkpointing:
+            _write_checkpoint(checkpoint, config, state, blocks)
         reductions = [row["reduction"] for row in state["layers"] if row.get("reduction") is not None]
         if reductions:
             progress.set_postfix(mean_reduction=f"{sum(reductions) / len(reductions):.3f}")
@@ -135,7 +152,8 @@ def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None 
     if out is not None:
         _write_json_atomic(out, results)
         _plot_reductions(results, out.with_suffix(".png"))
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    if checkpointing:
+        shutil.rmtree(checkpoint, ignore_errors=True)
     return results
 
 
@@ -235,6 +253,8 @@ def _check_outputs(out, save, checkpoint, resume) -> None:
     for path in (out, save):
         if path is not None and path.exists():
             raise UserError(f"{path} already exists: choose another path or remove it (nothing is overwritten)")
+    if checkpoint is None:
+        return
     if resume and not (checkpoint / "state.json").is_file():
         raise UserError(f"--resume: no checkpoint at {checkpoint} to resume from")
     if not resume and checkpoint.exists():

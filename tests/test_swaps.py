@@ -80,3 +80,17 @@ def test_wide_rows_stay_feasible():
     problem, _ = make_problem("outliers", rows=3, d=160, seed=8, sparsity=0.5)
     result = ss.solve(problem, "swaps")
     assert problem.is_feasible(result.mask) and result.extra["swaps_total"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numba_engine_matches_the_torch_reference(dtype):
+    from solvers import swaps_cpu
+
+    if not swaps_cpu.AVAILABLE:
+        pytest.skip("numba is not installed")
+    for spec in ({"sparsity": 0.5}, {"sparsity": 0.7}):
+        problem, _ = make_problem("outliers", rows=12, d=96, seed=21, **spec)
+        torch_result = ss.solve(problem, "swaps", engine="torch", dtype=dtype)
+        numba_result = ss.solve(problem, "swaps", engine="numba", dtype=dtype)
+        torch.testing.assert_close(numba_result.row_objective, torch_result.row_objective, rtol=1e-6, atol=0)
+        assert (numba_result.mask == torch_result.mask).float().mean() > 0.99

@@ -1,0 +1,184 @@
+"""GPU benchmark of the 1-swap search and refinement on layers shaped like LLaMA-2-7B and -70B.
+
+G comes from synthetic correlated activations with outlier channels (the time of a fixed number of
+iterations does not depend on trained weights). For every shape and pattern it records the scan's time,
+pairs evaluated per second (the fused kernel scans the full d x d square per row; useful pairs are p*k),
+the share of the fp32 floor, the time per refinement iteration and peak memory. The floor: the scan
+needs 3 fp32 instructions per evaluated pair (FMUL, FFMA, FMNMX), so floor = measured fp32 rate / 3.
+
+    python benchmarks/bench_swaps.py --out results/        # JSON + markdown
+    python benchmarks/bench_swaps.py --model-7b --out results/   # also the 224-layer 7B-shaped refinement
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sparseswaps import MaskProblem, mask_from_scores  # noqa: E402
+from sparseswaps.pipeline import environment  # noqa: E402
+from solvers.swaps import pairs_per_row, refine, scan_nm  # noqa: E402
+from solvers.swaps_triton import scan_per_row_triton  # noqa: E402
+
+SHAPES = {"7B": [(4096, 4096), (11008, 4096), (4096, 11008)],
+          "70B": [(8192, 8192), (28672, 8192), (8192, 28672)]}
+PATTERNS = [{"sparsity": 0.5}, {"sparsity": 0.6}, {"pattern": "2:4"}]
+INSTRUCTIONS_PER_PAIR = 3
+
+
+def measured_fp32_rate() -> float:
+    """fp32 FMA instructions per second of this GPU, from a Triton kernel of independent FMA chains."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fma_chains(out, iterations, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        a = offsets.to(tl.float32) * 1e-9
+        b, c, d, e, f, g, h = a + 1, a + 2, a + 3, a + 4, a + 5, a + 6, a + 7
+        for _ in range(iterations):
+            a = a * 0.9999 + 1e-4
+            b = b * 0.9999 + 1e-4
+            c = c * 0.9999 + 1e-4
+            d = d * 0.9999 + 1e-4
+            e = e * 0.9999 + 1e-4
+            f = f * 0.9999 + 1e-4
+            g = g * 0.9999 + 1e-4
+            h = h * 0.9999 + 1e-4
+        tl.store(out + offsets, a + b + c + d + e + f + g + h)
+
+    block, programs, iterations = 1024, 132 * 64, 4096
+    out = torch.empty(block * programs, device="cuda")
+    fma_chains[(programs,)](out, iterations, BLOCK=block)
+    seconds = triton.testing.do_bench(lambda: fma_chains[(programs,)](out, iterations, BLOCK=block),
+                                      return_mode="median") / 1e3
+    return block * programs * iterations * 8 / seconds
+
+
+def synthetic_layer(rows: int, d: int, seed: int, tokens: int = 2048, rank: int = 256):
+    """(weight, G): correlated low-rank activations plus noise, a few heavy outlier channels."""
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    latent = torch.randn(tokens, rank, device="cuda", generator=generator)
+    mixing = torch.randn(rank, d, device="cuda", generator=generator) / rank ** 0.5
+    x = latent @ mixing + 0.5 * torch.randn(tokens, d, device="cuda", generator=generator)
+    x[:, torch.randperm(d, device="cuda", generator=generator)[: max(1, d // 256)]] *= 30
+    weight = torch.randn(rows, d, device="cuda", generator=generator) * 0.02
+    weight *= torch.empty_like(weight).exponential_(generator=generator)   # heavier tails
+    return weight, x.T @ x
+
+
+def bench_layer(rows, d, spec, iterations, seed=0) -> dict:
+    import triton
+
+    weight, gram = synthetic_layer(rows, d, seed)
+    problem = MaskProblem(weight, gram, check_psd=False, **spec)
+    mask = mask_from_scores(problem.wanda_scores(), problem.pattern)
+    c = ((weight.double() * ~mask) @ gram.double()).float()
+    scan = scan_nm if "pattern" in spec else scan_per_row_triton
+    scan(weight, mask, c, gram, problem.pattern)   # compile / autotune outside the timing
+    scan_seconds = triton.testing.do_bench(lambda: scan(weight, mask, c, gram, problem.pattern),
+                                           warmup=50, rep=400, return_mode="median") / 1e3
+    useful = rows * pairs_per_row(d, problem.pattern)
+    evaluated = rows * d * d if "pattern" not in spec else useful
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    solution = refine(problem, mask, max_iters=iterations)
+    torch.cuda.synchronize()
+    refine_seconds = time.perf_counter() - started
+    return {"rows": rows, "d": d, "pattern": str(problem.pattern), "scan_ms": scan_seconds * 1e3,
+            "evaluated_pairs_per_s": evaluated / scan_seconds, "useful_pairs_per_s": useful / scan_seconds,
+            "iterations": solution.extra["iterations"], "refine_s": refine_seconds,
+            "s_per_iteration": refine_seconds / max(1, solution.extra["iterations"]),
+            "swaps": solution.extra["swaps_total"], "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+
+
+def bench_7b_model(iterations: int, blocks: int, log) -> dict:
+    """The linear layers of `blocks` blocks of a LLaMA-2-7B-shaped model (32 blocks, 224 layers in all),
+    `iterations` each, Wanda warm start. q/k/v share one G (one input), gate/up share one; o and down have
+    their own, as in the real model."""
+    per_block = [("q", 4096, 4096, "qkv"), ("k", 4096, 4096, "qkv"), ("v", 4096, 4096, "qkv"),
+                 ("o", 4096, 4096, "o"), ("gate", 11008, 4096, "mlp"), ("up", 11008, 4096, "mlp"),
+                 ("down", 4096, 11008, "down")]
+    torch.cuda.reset_peak_memory_stats()
+    total, swaps, layers = 0.0, 0, 0
+    for block in range(blocks):
+        grams = {}
+        for name, rows, d, shared in per_block:
+            weight, gram = synthetic_layer(rows, d, seed=block * 10 + len(grams) + 1)
+            gram = grams.setdefault(shared, gram)
+            problem = MaskProblem(weight, gram, sparsity=0.5, check_psd=False)
+            mask = mask_from_scores(problem.wanda_scores(), problem.pattern)
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            solution = refine(problem, mask, max_iters=iterations)
+            torch.cuda.synchronize()
+            total += time.perf_counter() - started
+            swaps += solution.extra["swaps_total"]
+            layers += 1
+        log(f"7B-shaped refinement: block {block + 1}/{blocks}, {total:.1f} s of refinement so far")
+    return {"blocks": blocks, "layers": layers, "iterations": iterations, "sparsity": 0.5, "refine_s": total,
+            "swaps": swaps, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+
+
+def markdown(report: dict) -> str:
+    floor = report["floor_pairs_per_s"]
+    lines = [f"# 1-swap scan on {report['environment']['device']}", "",
+             f"Measured fp32 rate {report['fp32_instructions_per_s'] / 1e12:.1f} T instructions/s; the scan needs "
+             f"{INSTRUCTIONS_PER_PAIR} per evaluated pair, so the floor is {floor / 1e12:.2f} T pairs/s.", "",
+             "| layer | pattern | scan ms | evaluated pairs/s | share of floor | useful pairs/s | s / iteration | swaps | peak GiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in report["layers"]:
+        share = f"{row['evaluated_pairs_per_s'] / floor:.0%}" if "keep" in row["pattern"] else "n/a (torch N:M)"
+        lines.append(f"| {row['model']} {row['rows']}x{row['d']} | {row['pattern']} | {row['scan_ms']:.2f} | "
+                     f"{row['evaluated_pairs_per_s'] / 1e12:.2f} T | {share} | {row['useful_pairs_per_s'] / 1e12:.2f} T | "
+                     f"{row['s_per_iteration']:.3f} | {row['swaps']} | {row['peak_memory_gib']:.1f} |")
+    if report.get("model_7b"):
+        m = report["model_7b"]
+        lines += ["", f"7B-shaped model, {m['blocks']} of 32 blocks ({m['layers']} of 224 linear layers) refined, "
+                      f"{m['iterations']} iterations at 50%: {m['refine_s']:.1f} s of refinement measured, "
+                      f"{m['swaps']} swaps, peak {m['peak_memory_gib']:.1f} GiB."]
+        if m["blocks"] < 32:
+            lines.append(f"All 32 blocks have these shapes; at the measured rate the whole model would take about "
+                         f"{m['refine_s'] * 32 / m['blocks']:.0f} s (an extrapolation, not a measurement).")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--models", default="7B,70B")
+    parser.add_argument("--iterations", type=int, default=5, help="refinement iterations timed per layer")
+    parser.add_argument("--model-7b", action="store_true", help="also refine a whole 7B-shaped model")
+    parser.add_argument("--model-7b-iterations", type=int, default=100)
+    parser.add_argument("--model-7b-blocks", type=int, default=32)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rate = measured_fp32_rate()
+    report = {"environment": environment(), "fp32_instructions_per_s": rate,
+              "instructions_per_pair": INSTRUCTIONS_PER_PAIR, "floor_pairs_per_s": rate / INSTRUCTIONS_PER_PAIR,
+              "iterations_timed": args.iterations, "layers": []}
+    for model in args.models.split(","):
+        for rows, d in SHAPES[model]:
+            for spec in PATTERNS:
+                row = {"model": model, **bench_layer(rows, d, spec, args.iterations)}
+                report["layers"].append(row)
+                print(json.dumps(row), flush=True)
+                (args.out / "bench_swaps.json").write_text(json.dumps(report, indent=2))
+    if args.model_7b:
+        report["model_7b"] = bench_7b_model(args.model_7b_iterations, args.model_7b_blocks,
+                                            lambda line: print(line, flush=True))
+    (args.out / "bench_swaps.json").write_text(json.dumps(report, indent=2))
+    (args.out / "bench_swaps.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

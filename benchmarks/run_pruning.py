@@ -1,0 +1,90 @@
+"""Run the full-model pruning matrix (methods x sparsity targets) on one model and tabulate perplexities.
+
+Every run is the paper protocol unless told otherwise (C4 calibration 128 x 2048, seed 0; WikiText-2 and
+C4 perplexity); the dense model is evaluated once. Results (one entry per run, per-layer rows included)
+accumulate in one JSON; runs already in it are skipped, so an interrupted matrix continues where it stopped.
+
+    python benchmarks/run_pruning.py --model path/to/model.gguf --out benchmarks/results/pruning_smollm2.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sparseswaps.pipeline import PruneConfig, prune_model  # noqa: E402
+
+# name -> (warm start, solver): what each method means as a solver chain.
+METHODS = {"magnitude": (None, "magnitude"), "wanda": (None, "wanda"), "sparsegpt": (None, "sparsegpt"),
+           "ria": (None, "ria"), "dsnot": ("wanda", "dsnot"), "wanda+swaps": ("wanda", "swaps")}
+
+
+def target_fields(target: str) -> dict:
+    return {"pattern": target, "sparsity": None} if ":" in target else {"sparsity": float(target), "pattern": None}
+
+
+def table(runs: list[dict]) -> str:
+    """Markdown: perplexity per method and target, and SparseSwaps' mean per-layer error reduction."""
+    first = runs[0]
+    corpora = list(first["perplexity"]["dense"])
+    targets = list(dict.fromkeys(r["target"] for r in runs))
+    lines = [f"# Pruning {first['model']['source'].rsplit('/', 1)[-1]} ({first['config']['protocol']} protocol: "
+             f"{first['config']['nsamples']} x {first['config']['seqlen']} C4 calibration, seed {first['config']['seed']})",
+             "", "Perplexity (lower is better); dense: " +
+             ", ".join(f"{c} {first['perplexity']['dense'][c]['ppl']:.2f}" for c in corpora), "",
+             "| method | " + " | ".join(f"{t} {c}" for t in targets for c in corpora) + " |",
+             "|---|" + "---:|" * (len(targets) * len(corpora))]
+    for method in dict.fromkeys(r["method"] for r in runs):
+        cells = []
+        for target in targets:
+            run = next((r for r in runs if r["method"] == method and r["target"] == target), None)
+            cells += [f"{run['perplexity']['pruned'][c]['ppl']:.2f}" if run else "-" for c in corpora]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    swaps = [r for r in runs if r["method"] == "wanda+swaps"]
+    if swaps:
+        lines += ["", "Wanda + SparseSwaps, per-layer reconstruction error relative to Wanda's:", "",
+                  "| target | mean reduction | median | layers | swaps | refinement s |", "|---|---:|---:|---:|---:|---:|"]
+        for run in swaps:
+            reductions = sorted(layer["reduction"] for layer in run["layers"])
+            lines.append(f"| {run['target']} | {run['summary']['mean_reduction']:.1%} | "
+                         f"{reductions[len(reductions) // 2]:.1%} | {len(reductions)} | {run['summary']['total_swaps']} | "
+                         f"{sum(layer['time_s'] for layer in run['layers']):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model folder or .gguf (default: SmolLM2-135M from its wheel)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--targets", default="0.5,0.6,2:4")
+    parser.add_argument("--protocol", default="paper")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    store = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    done = {(r["method"], r["target"]) for r in store["runs"]}
+    dense_cache: dict = {}
+    for target in args.targets.split(","):
+        for method in args.methods.split(","):
+            if (method, target) in done:
+                continue
+            warm, solver = METHODS[method]
+            config = PruneConfig(model=args.model, solver=solver, warm_start=warm, protocol=args.protocol,
+                                 **target_fields(target))
+            started = time.perf_counter()
+            result = prune_model(config, dense_cache=dense_cache, checkpointing=False)
+            result.update(method=method, target=target, wall_s=time.perf_counter() - started)
+            store["runs"].append(result)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(store, indent=1, default=str))
+            args.out.with_suffix(".md").write_text(table(store["runs"]))
+            ppl = {c: round(v["ppl"], 3) for c, v in result["perplexity"]["pruned"].items()}
+            print(f"{method} {target}: {ppl} ({result['wall_s']:.0f} s)", flush=True)
+    print(table(store["runs"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Fused GPU scan for the per-row 1-swap search (Triton).
+
+For a batch of rows, every (pruned i, kept j) pair is scored without materialising the rows x d x d
+tensor. A program owns BLOCK_R rows x BLOCK_J columns j and walks i over the whole width, keeping an
+elementwise running minimum
+    low[r, j] = min_i (a_ri - 2 w_ri w_rj G_ij)        (a_ri = +inf for kept i)
+so the inner loop is three fp32 instructions per pair (FMUL, FFMA, FMNMX) and no reduction; each row of
+G (BLOCK_J values) is loaded once per i and used for all BLOCK_R rows. Afterwards, in torch,
+best_r = min_j (low[r, j] + b_rj) over kept j gives j, and i is recovered from column j (G is symmetric).
+The kernel covers the full d x d square so rows can share G; the share of useful pairs is p*k/d².
+Exact ties go to the smallest j, then the smallest i. The driver re-checks every chosen swap in float64.
+
+A first version tiled [rows, i, j] and reduced over j inside every tile: 1.0 T pairs/s on an H100, 10%
+of the fp32 floor (benchmarks/results/bench_swaps.md keeps both measurements).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+AVAILABLE = importlib.util.find_spec("triton") is not None
+
+if AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_J": j}, num_warps=warps, num_stages=1)
+               for r, j, warps in [(64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 128, 8), (32, 128, 4)]]
+
+    @triton.autotune(configs=CONFIGS, key=["d", "rows_bucket"])
+    @triton.jit
+    def _low_kernel(gram, weight, scale_t, restore_t, low, rows, d, rows_bucket,
+                    BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):  # pragma: no cover - compiled
+        pid_r = tl.program_id(0)   # fastest: programs sharing a stripe of G run together (L2 reuse)
+        pid_j = tl.program_id(1)
+        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+        r_ok = r < rows
+        j_ok = j < d
+        rj_ok = r_ok[:, None] & j_ok[None, :]
+        w = tl.load(weight + r[:, None] * d + j[None, :], mask=rj_ok, other=0.0)
+        acc = tl.full([BLOCK_R, BLOCK_J], float("inf"), tl.float32)
+        for i in range(0, d):
+            g = tl.load(gram + i * d + j, mask=j_ok, other=0.0)                          # G_ij
+            s = tl.load(scale_t + i * rows + r, mask=r_ok, other=0.0)                     # -2 w_ri
+            a = tl.load(restore_t + i * rows + r, mask=r_ok, other=float("inf"))          # a_ri
+            acc = tl.minimum(acc, (w * g[None, :]) * s[:, None] + a[:, None])
+        tl.store(low + r[:, None] * d + j[None, :], acc, mask=rj_ok)
+
+
+def scan_per_row_triton(w, mask, c, gram, pattern):
+    """Best (Δ, i, j) per row over (pruned i, kept j) pairs; float32 CUDA tensors."""
+    from .swaps import swap_terms
+
+    if w.dtype != torch.float32:
+        raise ValueError("the Triton scan computes in float32 (dtype='float32')")
+    rows, d = w.shape
+    a, b = swap_terms(w, c, gram.diagonal())
+    restore = torch.where(mask, torch.inf, a)
+    prune = torch.where(mask, b, torch.inf)
+    scale = -2 * w
+    w = w.contiguous()
+    gram = gram.contiguous()
+    low = torch.empty(rows, d, device=w.device, dtype=torch.float32)
+
+    def grid(meta):
+        return triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(d, meta["BLOCK_J"])
+
+    _low_kernel[grid](gram, w, scale.T.contiguous(), restore.T.contiguous(), low, rows, d, _bucket(rows))
+    best, j = (low + prune).min(1)                    # first minimum: smallest j on ties
+    # i of the winning j: the pruned i minimising a_i - 2 w_i w_j G_ji (one column of G per row).
+    column = gram[j] * w.gather(1, j.unsqueeze(1))
+    i = (restore + scale * column).argmin(1)
+    return best, i, j
+
+
+def _bucket(rows: int) -> int:
+    """Autotuning key: the kernel's best tile depends on the rows only coarsely."""
+    return 1 << max(0, rows - 1).bit_length()
