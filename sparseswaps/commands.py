@@ -89,4 +89,88 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-REGISTRARS = [add_prune]
+def _ints(text: str) -> list[int]:
+    return [int(item) for item in _csv(text)]
+
+
+def add_extract(commands) -> None:
+    parser = commands.add_parser("extract", help="write small instances (real sub-layers, synthetic families)",
+                                 description="Cut small mask-selection instances out of a model's layers (d' input "
+                                             "channels with the true C4 calibration Gram restricted to them) or "
+                                             "draw synthetic ones; writes safetensors with provenance.")
+    parser.add_argument("--out", type=Path, required=True, help="instance folder")
+    parser.add_argument("--model", help="model folder or .gguf (default: SmolLM2-135M)")
+    parser.add_argument("--synthetic", type=_csv, help="synthetic families instead of a model: iid,correlated,outliers")
+    parser.add_argument("--blocks", type=_ints, default=[0, 15, 29], help="blocks to cut from (default 0,15,29)")
+    parser.add_argument("--layers", type=_csv, default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"))
+    parser.add_argument("--widths", type=_ints, default=[16, 24, 32, 48, 64])
+    parser.add_argument("--rows", type=int, default=2, help="rows (output channels) per instance")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=run_extract)
+
+
+def run_extract(args) -> int:
+    from .instances import real_instances, synthetic_instances
+    from .models import load_model
+
+    if args.synthetic:
+        instances = synthetic_instances(args.widths, args.rows, args.seed, families=args.synthetic)
+    else:
+        model, tokenizer, info = load_model(args.model)
+        instances = real_instances(model, tokenizer, info, args.blocks, args.layers, args.widths, args.rows,
+                                   args.seed, args.nsamples, args.seqlen)
+    for instance in instances:
+        instance.meta["command"] = "sparseswaps extract " + " ".join(args.argv)
+        instance.save(args.out)
+    print(f"wrote {len(instances)} instances to {args.out}")
+    return 0
+
+
+def add_gaps(commands) -> None:
+    parser = commands.add_parser("gaps", help="optimality gaps of solvers against proven optima",
+                                 description="Run solvers over an instance folder, append one JSONL line per "
+                                             "(instance, target, solver) not yet done, then write gaps.md and plots.")
+    parser.add_argument("--instances", type=Path, required=True)
+    parser.add_argument("--solvers", type=_csv, default=("magnitude", "wanda", "sparsegpt", "ria", "swaps", "scip",
+                                                         "highs"),
+                        help="solver specs, e.g. scip or scip:diagonal_shift=true or highs:max_d=32")
+    parser.add_argument("--sparsity", type=_csv, default=("0.5", "0.6"), help="shares pruned per row ('' for none)")
+    parser.add_argument("--pattern", type=_csv, default=("2:4",), help="N:M patterns ('' for none)")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per row for exact solvers")
+    parser.add_argument("--out", type=Path, required=True, help="results folder (gaps.jsonl, gaps.md, plots)")
+    parser.set_defaults(run=run_gaps_command)
+
+
+def run_gaps_command(args) -> int:
+    from .gaps import run_gaps, save_optima, read_jsonl, write_report
+    from .instances import load_instances
+    from .pipeline import environment
+
+    instances = load_instances(args.instances)
+    targets = [f"{float(s):.0%}" for s in args.sparsity] + list(args.pattern)
+    jsonl = args.out / "gaps.jsonl"
+    environment = {"environment": environment(), "command": "sparseswaps gaps " + " ".join(args.argv)}
+    ran = run_gaps(instances, list(args.solvers), targets, args.time_limit, jsonl, environment)
+    save_optima(read_jsonl(jsonl), args.instances)
+    print(write_report(jsonl, args.out))
+    print(f"{ran} new runs; results in {args.out}")
+    return 0
+
+
+def add_report(commands) -> None:
+    parser = commands.add_parser("report", help="regenerate gaps.md and plots from a gaps.jsonl")
+    parser.add_argument("--results", type=Path, required=True, help="folder holding gaps.jsonl")
+    parser.set_defaults(run=run_report)
+
+
+def run_report(args) -> int:
+    from .gaps import write_report
+
+    print(write_report(args.results / "gaps.jsonl", args.results))
+    return 0
+
+
+REGISTRARS = [add_prune, add_extract, add_gaps, add_report]

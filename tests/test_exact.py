@@ -1,0 +1,48 @@
+"""Exact backends and their bounds against brute force; time limits never raise."""
+import pytest
+import torch
+
+import sparseswaps as ss
+from conftest import PATTERN_IDS, PATTERNS, make_problem
+
+VARIANTS = [("scip", {}), ("scip", {"diagonal_shift": True}), ("highs", {}),
+            ("highs", {"method": "qp_bound"}), ("highs", {"method": "qp_bound", "diagonal_shift": False})]
+
+
+@pytest.mark.parametrize("spec", PATTERNS, ids=PATTERN_IDS)
+@pytest.mark.parametrize("name, options", VARIANTS, ids=[f"{n}{o}" for n, o in VARIANTS])
+def test_bounds_are_valid_and_exact_routes_reach_the_optimum(name, options, spec):
+    for family, seed in (("correlated", 5), ("outliers", 6)):
+        problem, _ = make_problem(family, rows=3, d=12, seed=seed, **spec)
+        optimum = ss.solve(problem, "bruteforce").row_objective
+        result = ss.solve(problem, name, time_limit=60, **options)
+        assert (result.row_bound <= optimum * (1 + 1e-9)).all()
+        assert (result.row_bound >= 0).all()
+        if options.get("method") != "qp_bound":
+            torch.testing.assert_close(result.row_objective, optimum, rtol=1e-9, atol=0)
+
+
+def test_diagonal_shift_tightens_the_relaxation_bound():
+    problem, _ = make_problem("correlated", rows=6, d=24, seed=2, sparsity=0.5)
+    plain = ss.solve(problem, "highs", method="qp_bound", diagonal_shift=False)
+    shifted = ss.solve(problem, "highs", method="qp_bound", diagonal_shift=True)
+    assert (shifted.row_bound >= plain.row_bound * (1 - 1e-9)).all() and shifted.bound > plain.bound
+
+
+@pytest.mark.parametrize("name, options", [("scip", {}), ("highs", {})])
+def test_time_limit_returns_best_mask_status_and_valid_bound(name, options):
+    problem, _ = make_problem("outliers", rows=2, d=56, seed=4, sparsity=0.5)
+    warm = ss.solve(problem, ["wanda", "swaps"])
+    result = ss.solve(problem, name, warm_start=warm.mask, time_limit=0.05, **options)
+    assert problem.is_feasible(result.mask)
+    assert result.termination in (ss.Termination.TIME_LIMIT, ss.Termination.OPTIMAL)
+    assert (result.row_objective <= warm.row_objective * (1 + 1e-12)).all()
+    assert (result.row_bound <= result.row_objective * (1 + 1e-12)).all()
+
+
+def test_rows_in_a_process_pool_match_serial():
+    problem, _ = make_problem("correlated", rows=4, d=16, seed=9, sparsity=0.6)
+    serial = ss.solve(problem, "scip")
+    pooled = ss.solve(problem, "scip", workers=2)
+    assert torch.equal(serial.mask, pooled.mask)
+    torch.testing.assert_close(serial.row_bound, pooled.row_bound)
