@@ -51,6 +51,7 @@ def add_prune(commands) -> None:
     parser.add_argument("--solver-option", action="append", metavar="KEY=VALUE",
                         help="option for the final solver, e.g. max_iters=50 (repeatable)")
     parser.add_argument("--bos-per-window", default="auto", choices=["auto", "yes", "no"])
+    _add_zero_shot_arguments(parser)
     parser.add_argument("--out", type=Path, help="result JSON (a PNG plot is written beside it)")
     parser.add_argument("--save", type=Path, help="write the pruned model (save_pretrained) and its masks here")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
@@ -66,7 +67,8 @@ def run_prune(args) -> int:
                          protocol=args.protocol, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                          eval=args.eval, eval_windows=None if args.eval_windows == 0 else args.eval_windows,
                          device=args.device, dtype=args.dtype, update_weights=args.update_weights,
-                         solver_options=_parse_options(args.solver_option), bos_per_window=args.bos_per_window)
+                         solver_options=_parse_options(args.solver_option), bos_per_window=args.bos_per_window,
+                         zero_shot=args.zero_shot or (), zero_shot_limit=args.zero_shot_limit)
     if config.sparsity is None and config.pattern is None:
         config.sparsity = 0.5
     results = prune_model(config, args.out, args.save, resume=args.resume)
@@ -82,11 +84,61 @@ def summary_table(results: dict) -> str:
              f"{'corpus':<10} {'windows':>7} {'dense ppl':>10} {'pruned ppl':>11}"]
     for corpus, dense in ppl["dense"].items():
         lines.append(f"{corpus:<10} {dense['windows']:>7} {dense['ppl']:>10.3f} {ppl['pruned'][corpus]['ppl']:>11.3f}")
+    if "zero_shot" in results:
+        lines.append(f"zero-shot mean accuracy ({', '.join(results['config']['zero_shot'])}): "
+                     f"{results['zero_shot']['mean_acc']:.4f}")
     summary = results["summary"]
     if summary["mean_reduction"] is not None:
         lines.append(f"mean per-layer error reduction over the warm start: {summary['mean_reduction']:.1%} "
                      f"({summary['total_swaps']} swaps, {summary['pruning_seconds']:.0f} s pruning)")
     return "\n".join(lines)
+
+
+def _add_zero_shot_arguments(parser) -> None:
+    parser.add_argument("--zero-shot", type=_csv, help="lm-eval tasks: boolq,rte,hellaswag,winogrande,arc_easy,"
+                                                       "arc_challenge,openbookqa[,piqa] (needs the eval extra)")
+    parser.add_argument("--zero-shot-limit", type=int,
+                        help="items per task, for plumbing checks only (reported numbers use the full splits)")
+
+
+def add_evaluate(commands) -> None:
+    parser = commands.add_parser("evaluate", help="perplexity and zero-shot accuracy of a saved or dense model")
+    parser.add_argument("--model", help="model folder or .gguf (default: SmolLM2-135M)")
+    parser.add_argument("--eval", type=_csv, default=("wikitext2",), help="perplexity corpora ('' for none)")
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--eval-windows", type=int, default=0, help="first N windows only (0 = all)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--bos-per-window", default="auto", choices=["auto", "yes", "no"])
+    _add_zero_shot_arguments(parser)
+    parser.add_argument("--out", type=Path, help="result JSON")
+    parser.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    from .evaluate import evaluate_perplexities
+    from .models import load_model, needs_bos_per_window
+    from .pipeline import _auto_device, _write_json_atomic, environment
+    from .zeroshot import check_tasks, zero_shot, zero_shot_table
+
+    if args.out is not None and args.out.exists():
+        raise UserError(f"{args.out} already exists: choose another path or remove it (nothing is overwritten)")
+    tasks = check_tasks(args.zero_shot or ())
+    device = _auto_device(args.device)
+    model, tokenizer, info = load_model(args.model)
+    bos = needs_bos_per_window(model) if args.bos_per_window == "auto" else args.bos_per_window == "yes"
+    model.to(device)
+    results = {"command": "sparseswaps evaluate " + " ".join(args.argv), "model": info, "seqlen": args.seqlen,
+               "perplexity": evaluate_perplexities(model, tokenizer, args.eval, args.seqlen, device, bos_per_window=bos,
+                                                   max_windows=args.eval_windows or None),
+               "environment": environment()}
+    for corpus, entry in results["perplexity"].items():
+        print(f"{corpus}: ppl {entry['ppl']:.3f} over {entry['windows']} windows")
+    if tasks:
+        results["zero_shot"] = zero_shot(model, tokenizer, tasks, device, limit=args.zero_shot_limit)
+        print(zero_shot_table({"model": results["zero_shot"]}))
+    if args.out is not None:
+        _write_json_atomic(args.out, results)
+    return 0
 
 
 def _ints(text: str) -> list[int]:
@@ -163,14 +215,29 @@ def run_gaps_command(args) -> int:
 def add_report(commands) -> None:
     parser = commands.add_parser("report", help="regenerate gaps.md and plots from a gaps.jsonl")
     parser.add_argument("--results", type=Path, required=True, help="folder holding gaps.jsonl")
+    parser.add_argument("--readme", type=Path, help="also splice the tables into this markdown file ...")
+    parser.add_argument("--section", help="... between <!-- SECTION:begin --> and <!-- SECTION:end -->")
     parser.set_defaults(run=run_report)
 
 
 def run_report(args) -> int:
     from .gaps import write_report
 
-    print(write_report(args.results / "gaps.jsonl", args.results))
+    text = write_report(args.results / "gaps.jsonl", args.results)
+    if args.readme:
+        splice_section(args.readme, args.section or args.results.name, text.split("\n", 1)[1])
+    print(text)
     return 0
 
 
-REGISTRARS = [add_prune, add_extract, add_gaps, add_report]
+def splice_section(path: Path, section: str, body: str) -> None:
+    """Replace the text between a file's section markers (the rest of the file is the author's)."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise UserError(f"{path} has no markers {begin} ... {end} to write between")
+    head, rest = text.split(begin, 1)
+    path.write_text(f"{head}{begin}\n{body.strip()}\n{end}{rest.split(end, 1)[1]}")
+
+
+REGISTRARS = [add_prune, add_evaluate, add_extract, add_gaps, add_report]

@@ -22,8 +22,9 @@ from .data import EVAL_CORPORA, calibration_windows, provenance
 from .errors import UserError
 from .evaluate import evaluate_perplexities
 from .models import load_model, needs_bos_per_window
-from .problem import MaskProblem, PerRow, ProblemError, resolve_pattern
+from .problem import MaskProblem, ProblemError, resolve_pattern
 from .registry import get_solver, solve
+from .zeroshot import check_tasks, zero_shot
 
 # The quick protocol (the default) finishes in minutes on 2 CPU cores: small calibration, 32 evaluation
 # windows, and at most 5 swap iterations per row (on this kind of CPU one iteration over all of
@@ -52,6 +53,8 @@ class PruneConfig:
     update_weights: bool = False           # least-squares update of the kept weights after the mask is fixed
     solver_options: dict = field(default_factory=dict)
     bos_per_window: str = "auto"           # auto | yes | no
+    zero_shot: tuple[str, ...] = ()        # lm-eval tasks evaluated on the pruned model
+    zero_shot_limit: int | None = None     # items per task (plumbing checks only; reported runs use None)
 
     def resolved(self) -> "PruneConfig":
         """Fill protocol defaults and validate everything that can be checked before loading a model."""
@@ -75,6 +78,7 @@ class PruneConfig:
             raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}")
         if config.bos_per_window not in ("auto", "yes", "no"):
             raise UserError("--bos-per-window must be auto, yes or no")
+        check_tasks(config.zero_shot)
         return config
 
     def _solver_options(self, preset: dict) -> dict:
@@ -147,6 +151,9 @@ def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None 
     pruning_seconds = time.perf_counter() - started
     pruned = _evaluate(model, tokenizer, config, device, bos)
     results = _results(config, model_info, state, pruned, pruning_seconds, bos)
+    if config.zero_shot:
+        results["zero_shot"] = zero_shot(model, tokenizer, config.zero_shot, device, limit=config.zero_shot_limit)
+        model.cpu()
     if save is not None:
         _save_model(model, tokenizer, state["masks"], results, save)
     if out is not None:
