@@ -3,7 +3,7 @@ import itertools
 
 import torch
 
-from sparseswaps import NM, MaskProblem, PerRow, ProblemError, Solution, Solver, Termination, register
+from sparseswaps import MaskProblem, PerRow, ProblemError, Solution, Solver, Termination, register
 
 MAX_D = 20
 

@@ -7,6 +7,8 @@ The largest such s is the smallest eigenvalue of G's correlation matrix (indepen
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import math
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -14,10 +16,27 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sparseswaps import NM, MaskProblem, PerRow, Solution, Termination, mask_from_scores
+from sparseswaps import MaskProblem, PerRow, Solution, Solver, Termination, mask_from_scores
 
 # Keep the shift a hair inside the PSD limit so rounding cannot make Q' indefinite.
 _SHIFT_SAFETY = 1 - 1e-7
+
+
+class ExactSolver(Solver):
+    """A backend built on an optional optimisation package, row by row."""
+
+    exact = True
+    gives_bound = True
+    warm_start = True
+    package = ""
+
+    def available(self):
+        if importlib.util.find_spec(self.package) is None:
+            return False, f"{self.package} is not installed (pip install {self.package})"
+        return True, ""
+
+    def version(self) -> str:
+        return f"{self.package} {importlib.metadata.version(self.package)}"
 
 
 def prune_groups(d: int, pattern) -> list[tuple[np.ndarray, int]]:

@@ -11,15 +11,15 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import numpy as np
 import scipy.sparse as sp
 
-from sparseswaps import MaskProblem, Solution, Solver, register
+from sparseswaps import MaskProblem, Solution, register
 
-from .exact import RowModel, RowOutcome, assemble, default_incumbent, map_rows, objective_scale, row_models
+from .exact import (ExactSolver, RowModel, RowOutcome, assemble, default_incumbent, map_rows, objective_scale,
+                    row_models)
 
 _BOUND_SLACK = 1e-9
 
@@ -160,19 +160,8 @@ _METHODS = {"milp": _solve_row_milp, "qp_bound": _solve_row_qp}
 
 
 @register("highs")
-class HighsSolver(Solver):
-    exact = True
-    gives_bound = True
-    warm_start = True
-
-    def available(self):
-        if importlib.util.find_spec("highspy") is None:
-            return False, "highspy is not installed (pip install highspy)"
-        return True, ""
-
-    def version(self) -> str:
-        import highspy
-        return f"highspy {highspy.Highs().version()}"
+class HighsSolver(ExactSolver):
+    package = "highspy"
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, method: str = "milp",
               diagonal_shift: bool = True, threads: int = 1, workers: int = 1) -> Solution:

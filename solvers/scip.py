@@ -10,14 +10,14 @@ epigraph constraint may be violated by that much), mapped back to original units
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import numpy as np
 
-from sparseswaps import MaskProblem, Solution, Solver, register
+from sparseswaps import MaskProblem, Solution, register
 
-from .exact import RowModel, RowOutcome, assemble, default_incumbent, map_rows, objective_scale, row_models
+from .exact import (ExactSolver, RowModel, RowOutcome, assemble, default_incumbent, map_rows, objective_scale,
+                    row_models)
 
 _FEASTOL = 1e-9
 
@@ -75,19 +75,8 @@ def _add_incumbent(scip, p, r, t, factor, prune) -> None:
 
 
 @register("scip")
-class ScipSolver(Solver):
-    exact = True
-    gives_bound = True
-    warm_start = True
-
-    def available(self):
-        if importlib.util.find_spec("pyscipopt") is None:
-            return False, "pyscipopt is not installed (pip install pyscipopt)"
-        return True, ""
-
-    def version(self) -> str:
-        import pyscipopt
-        return f"pyscipopt {pyscipopt.__version__}"
+class ScipSolver(ExactSolver):
+    package = "pyscipopt"
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, gap: float = 0.0,
               diagonal_shift: bool = False, workers: int = 1, scip_params: dict | None = None) -> Solution:

@@ -1,24 +1,10 @@
 """Subcommands other than `solvers`. Heavy imports (transformers, matplotlib) happen when a command runs."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import UserError
-
-
-def _parse_options(pairs: list[str]) -> dict:
-    """--solver-option key=value (value parsed as JSON when it can be: numbers, true/false)."""
-    options = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise UserError(f"--solver-option takes key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+from .registry import parse_option_values
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -67,7 +53,7 @@ def run_prune(args) -> int:
                          protocol=args.protocol, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                          eval=args.eval, eval_windows=None if args.eval_windows == 0 else args.eval_windows,
                          device=args.device, dtype=args.dtype, update_weights=args.update_weights,
-                         solver_options=_parse_options(args.solver_option), bos_per_window=args.bos_per_window,
+                         solver_options=parse_option_values(args.solver_option or [], "--solver-option"), bos_per_window=args.bos_per_window,
                          zero_shot=args.zero_shot or (), zero_shot_limit=args.zero_shot_limit)
     if config.sparsity is None and config.pattern is None:
         config.sparsity = 0.5

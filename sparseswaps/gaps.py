@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .instances import Instance
-from .registry import get_solver, solve
+from .registry import get_solver, parse_option_values, solve
 
 OPTIMAL_TOLERANCE = 1e-9
 
@@ -24,15 +24,7 @@ OPTIMAL_TOLERANCE = 1e-9
 def parse_spec(spec: str) -> tuple[str, dict, int | None]:
     """"name:key=value:key=value" -> (name, options, max_d)."""
     name, *pairs = spec.split(":")
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"solver spec {spec!r}: options are key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+    options = parse_option_values(pairs, f"solver spec {spec!r}")
     get_solver(name)
     return name, options, options.pop("max_d", None)
 

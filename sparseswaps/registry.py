@@ -233,6 +233,22 @@ def _check_options(instance: Solver, name: str, options: dict) -> None:
                           f"it takes: {', '.join(accepted) or 'none'}")
 
 
+def parse_option_values(pairs, context: str) -> dict:
+    """["key=value", ...] -> {key: value}; values are JSON when they parse (numbers, true/false), else strings."""
+    import json
+
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SolverError(f"{context}: options are key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -99,9 +99,10 @@ def _json_float(value: float) -> float | None:
 def _jsonable(value):
     """Drop what JSON cannot hold (tensors, callables); keep numbers, strings, lists and dicts."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items() if _jsonable(v) is not _DROP}
+        kept = {str(k): _jsonable(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v is not _DROP}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value if _jsonable(v) is not _DROP]
+        return [v for v in map(_jsonable, value) if v is not _DROP]
     if isinstance(value, float):
         return _json_float(value)
     if value is None or isinstance(value, (bool, int, str)):

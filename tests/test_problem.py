@@ -5,7 +5,7 @@ import torch
 
 import sparseswaps as ss
 from sparseswaps import NM, MaskProblem, PerRow, ProblemError, mask_from_scores
-from conftest import PATTERNS, make_problem
+from conftest import make_problem
 
 
 def all_feasible_masks(problem):

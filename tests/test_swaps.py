@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import sparseswaps as ss
-from sparseswaps import NM, mask_from_scores
+from sparseswaps import NM
 from conftest import make_problem
 
 
