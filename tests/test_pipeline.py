@@ -125,3 +125,25 @@ def test_default_model_dense_perplexity_matches_an_independent_computation():
         losses = [model(w.unsqueeze(0), labels=w.unsqueeze(0)).loss.item() for w in windows.input_ids]
     assert ours == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
     assert 5 < ours < 100   # a trained model, not a random one (those score in the tens of thousands)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gemma3"])
+def test_block_walker_reproduces_the_dense_forward(family):
+    """Captured per-block kwargs (masks, rotary tables; Gemma's sliding and full layers differ) replay exactly."""
+    from sparseswaps.calibration import capture_block_inputs, find_blocks, run_block
+    from tiny_models import tiny_model
+
+    model = tiny_model(family)
+    ids = torch.randint(0, 400, (2, 48), generator=torch.Generator().manual_seed(0))
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, ids)
+    hidden = inputs.hidden
+    for index, block in enumerate(blocks):
+        hidden = run_block(block, hidden, inputs.kwargs[index], "cpu")
+    captured = []
+    handle = blocks[-1].register_forward_hook(lambda module, args, output: captured.append(
+        output[0] if isinstance(output, tuple) else output))
+    with torch.no_grad():
+        model(ids[1:], use_cache=False)
+    handle.remove()
+    torch.testing.assert_close(hidden[1], captured[0], rtol=1e-5, atol=1e-5)

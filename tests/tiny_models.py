@@ -20,7 +20,7 @@ def tiny_tokenizer():
 
 
 def tiny_model(family: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, OPTConfig
 
     torch.manual_seed(0)
     if family == "llama":
@@ -30,6 +30,10 @@ def tiny_model(family: str):
     elif family == "opt":
         config = OPTConfig(vocab_size=400, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                            max_position_embeddings=1024, word_embed_proj_dim=64)
+    elif family == "gemma3":   # 7 layers: sliding-window layers and one full-attention layer
+        config = Gemma3TextConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=7,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=1024, sliding_window=16)
     else:
         raise ValueError(family)
     return AutoModelForCausalLM.from_config(config).eval()
