@@ -3,10 +3,15 @@ import pytest
 import torch
 
 from sparseswaps import NM, PerRow, mask_from_scores
+from solvers import swaps_cpu
 from solvers.swaps import pairs_per_row, scan_nm, scan_per_row
 
-SHAPES = [("64x576 50%", 64, 576, PerRow(288), scan_per_row), ("64x576 2:4", 64, 576, NM(2, 4), scan_nm),
-          ("16x1536 50%", 16, 1536, PerRow(768), scan_per_row)]
+SHAPES = [("torch 64x576 50%", 64, 576, PerRow(288), scan_per_row),
+          ("torch 64x576 2:4", 64, 576, NM(2, 4), scan_nm),
+          ("torch 16x1536 50%", 16, 1536, PerRow(768), scan_per_row)]
+if swaps_cpu.AVAILABLE:   # the default CPU engine
+    SHAPES += [("numba 576x576 50%", 576, 576, PerRow(288), swaps_cpu.scan_per_row_numba),
+               ("numba 576x1536 50%", 576, 1536, PerRow(768), swaps_cpu.scan_per_row_numba)]
 
 
 @pytest.mark.parametrize("label, rows, d, pattern, scan", SHAPES, ids=[s[0] for s in SHAPES])
