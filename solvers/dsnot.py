@@ -105,7 +105,6 @@ def _refine_nm(problem, metric, variance, mask, wanda, max_cycles, threshold, po
 @register("dsnot")
 class DSnoTSolver(Solver):
     warm_start = True
-    uses_device = True
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, max_cycles: int = 50,
               update_threshold: float = 0.1, pow_of_var_regrowing: float = 1.0, same_sign: bool = False) -> Solution:

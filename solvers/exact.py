@@ -28,6 +28,7 @@ class ExactSolver(Solver):
     exact = True
     gives_bound = True
     warm_start = True
+    gpu = False       # CPU optimisation packages, fed float64 numpy copies
     package = ""
 
     def available(self):

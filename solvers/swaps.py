@@ -116,7 +116,7 @@ def batch_rows_for(d: int, pattern, itemsize: int, device: torch.device) -> int:
 
 def refine(problem: MaskProblem, mask: torch.Tensor, *, max_iters: int = 100, batch_rows: int | None = None,
            device=None, dtype: torch.dtype = torch.float32, time_limit: float | None = None,
-           engine: str = "auto", progress: Callable[[int], None] | None = None) -> Solution:
+           engine: str = "auto") -> Solution:
     """Run 1-swap refinement of `mask` on `problem`; the driver shared by every scan implementation."""
     if max_iters < 0:
         raise ValueError(f"max_iters must be >= 0, got {max_iters}")
@@ -147,8 +147,6 @@ def refine(problem: MaskProblem, mask: torch.Tensor, *, max_iters: int = 100, ba
             stats["batch_rows"] = max(1, stats["batch_rows"] // 2)
             torch.cuda.empty_cache()
             continue
-        if progress:
-            progress(rows.stop - rows.start)
         if stats["timed_out"]:
             break
         start = rows.stop
@@ -194,7 +192,6 @@ class SwapsSolver(Solver):
     """Exact best 1-swaps from a warm start (default: Wanda's mask). CPU or CUDA (option `device`)."""
 
     warm_start = True
-    uses_device = True
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, max_iters: int = 100,
               batch_rows: int | None = None, device: str | None = None, dtype: str = "float32",

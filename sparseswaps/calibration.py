@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -149,5 +148,3 @@ def gram_matrices(block: nn.Module, layers: dict[str, nn.Linear], hidden: list[t
             handle.remove()
     return accumulators
 
-
-PruneBlock = Callable[[int, dict[str, nn.Linear], dict[str, GramAccumulator]], None]

@@ -47,7 +47,7 @@ class Solver:
     gives_bound = False      # reports a valid lower bound
     patterns: tuple = (PerRow, NM)
     warm_start = False       # uses a warm-start mask
-    uses_device = False      # honours a `device` option (GPU)
+    gpu = True               # runs on CUDA when the problem's tensors are there (torch backends)
 
     def available(self) -> tuple[bool, str]:
         """(True, "") or (False, why not). Must not import heavy optional packages."""
@@ -101,7 +101,7 @@ def solver_status() -> list[dict]:
     for name, cls in solver_classes().items():
         ok, why = cls().available()
         rows.append({"name": name, "available": ok, "reason": why, "exact": cls.exact,
-                     "bound": cls.gives_bound, "warm_start": cls.warm_start, "gpu": cls.uses_device,
+                     "bound": cls.gives_bound, "warm_start": cls.warm_start, "gpu": cls.gpu,
                      "patterns": [p.__name__ for p in cls.patterns]})
     return rows
 
