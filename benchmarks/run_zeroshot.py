@@ -1,0 +1,68 @@
+"""Zero-shot accuracy of the dense model and of Wanda vs Wanda+SparseSwaps (paper protocol) on the full splits.
+
+One JSON accumulates every run (runs already in it are skipped); a markdown table with the mean accuracy is
+written beside it.
+
+    python benchmarks/run_zeroshot.py --model SmolLM2-135M-Instruct.Q4_1.gguf --out results/zeroshot_smollm2.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from run_pruning import METHODS, target_fields  # noqa: E402
+from sparseswaps.models import load_model  # noqa: E402
+from sparseswaps.pipeline import PruneConfig, environment, prune_model  # noqa: E402
+from sparseswaps.zeroshot import OFFICIAL_ITEMS, zero_shot, zero_shot_table  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model folder or .gguf (default: SmolLM2-135M from its wheel)")
+    parser.add_argument("--tasks", default=",".join(OFFICIAL_ITEMS))
+    parser.add_argument("--methods", default="wanda,wanda+swaps")
+    parser.add_argument("--targets", default="0.5,0.6,2:4")
+    parser.add_argument("--protocol", default="paper")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--limit", type=int, help="items per task: plumbing checks only")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    tasks = args.tasks.split(",")
+    store = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}, "environment": environment()}
+
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(store, indent=1, default=str))
+        columns = {name: run["zero_shot"] for name, run in store["runs"].items()}
+        args.out.with_suffix(".md").write_text(f"# Zero-shot accuracy (acc, acc_norm in brackets)\n\n"
+                                               f"{zero_shot_table(columns)}\n")
+
+    if "dense" not in store["runs"]:
+        config = PruneConfig(model=args.model, device=args.device).resolved()
+        model, tokenizer, info = load_model(args.model)
+        store["runs"]["dense"] = {"model": info, "zero_shot": zero_shot(model, tokenizer, tasks, config.device,
+                                                                         limit=args.limit)}
+        save()
+    for target in args.targets.split(","):
+        for method in args.methods.split(","):
+            name = f"{method} {target}"
+            if name in store["runs"]:
+                continue
+            warm, solver = METHODS[method]
+            config = PruneConfig(model=args.model, solver=solver, warm_start=warm, protocol=args.protocol,
+                                 device=args.device, eval=(), zero_shot=tuple(tasks), zero_shot_limit=args.limit,
+                                 **target_fields(target))
+            result = prune_model(config, checkpointing=False)
+            store["runs"][name] = {"config": result["config"], "summary": result["summary"],
+                                   "zero_shot": result["zero_shot"]}
+            save()
+            print(f"{name}: mean acc {result['zero_shot']['mean_acc']:.4f}", flush=True)
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
