@@ -102,9 +102,11 @@ def layer_grams(model, tokenizer, layer_names: list[str], nsamples: int, seqlen:
     windows = calibration_windows(tokenizer, nsamples, seqlen, seed)
     accumulators = {name: GramAccumulator(modules[name].in_features, "cpu", torch.float64) for name in layer_names}
     handles = [modules[name].register_forward_hook(accumulators[name].hook) for name in layer_names]
+    from tqdm.auto import tqdm
+
     try:
         with torch.no_grad():
-            for sample in windows.input_ids:
+            for sample in tqdm(windows.input_ids, desc="calibration", unit="window"):
                 model(sample.unsqueeze(0), use_cache=False)
     finally:
         for handle in handles:

@@ -22,3 +22,22 @@ def test_gaps_harness_is_resumable_and_reports(tmp_path, capsys):
     assert json.loads((instances / "optima.json").read_text())
     (results / "gaps.md").unlink()
     assert cli.main(["report", "--results", str(results)]) == 0 and (results / "gaps.md").read_text() == report
+
+
+def test_real_instances_restrict_the_true_gram():
+    import torch
+
+    from sparseswaps.instances import layer_grams, real_instances
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    instances = real_instances(model, tokenizer, {"source": "tiny"}, [0, 1], ("q_proj", "down_proj"), [8, 16], 2,
+                               seed=0, nsamples=2, seqlen=32)
+    assert len(instances) == 2 * 2 * 2 and len({i.name for i in instances}) == len(instances)
+    full, _ = layer_grams(model, tokenizer, ["model.layers.1.mlp.down_proj"], 2, 32, 0)
+    inst = next(i for i in instances if i.meta["layer"] == "model.layers.1.mlp.down_proj" and i.d == 16)
+    channels, rows = torch.tensor(inst.meta["channels"]), torch.tensor(inst.meta["output_rows"])
+    torch.testing.assert_close(inst.gram, full["model.layers.1.mlp.down_proj"][channels][:, channels])
+    weight = dict(model.named_parameters())["model.layers.1.mlp.down_proj.weight"].double()
+    torch.testing.assert_close(inst.weight, weight[rows][:, channels])
+    assert inst.problem("50%").is_feasible(inst.problem("50%").project(torch.ones(2, 16, dtype=torch.bool)))
