@@ -56,14 +56,19 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def matrix_parser(description: str, methods: str) -> argparse.ArgumentParser:
+    """The options every matrix runner shares: model, methods x targets, protocol, output JSON."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder or .gguf (default: SmolLM2-135M from its wheel)")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=methods)
     parser.add_argument("--targets", default="0.5,0.6,2:4")
     parser.add_argument("--protocol", default="paper")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = matrix_parser(__doc__, ",".join(METHODS)).parse_args()
     store = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
     done = {(r["method"], r["target"]) for r in store["runs"]}
     dense_cache: dict = {}

@@ -7,29 +7,23 @@ written beside it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_pruning import METHODS, target_fields  # noqa: E402
+from run_pruning import METHODS, matrix_parser, target_fields  # noqa: E402
 from sparseswaps.models import load_model  # noqa: E402
 from sparseswaps.pipeline import PruneConfig, environment, prune_model  # noqa: E402
 from sparseswaps.zeroshot import OFFICIAL_ITEMS, zero_shot, zero_shot_table  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder or .gguf (default: SmolLM2-135M from its wheel)")
+    parser = matrix_parser(__doc__, "wanda,wanda+swaps")
     parser.add_argument("--tasks", default=",".join(OFFICIAL_ITEMS))
-    parser.add_argument("--methods", default="wanda,wanda+swaps")
-    parser.add_argument("--targets", default="0.5,0.6,2:4")
-    parser.add_argument("--protocol", default="paper")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--limit", type=int, help="items per task: plumbing checks only")
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     tasks = args.tasks.split(",")
     store = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}, "environment": environment()}
