@@ -90,8 +90,7 @@ class SparseGPTSolver(Solver):
             extra["projected_flips"] = int((projected != mask).sum())
             mask = projected
             updated = torch.where(mask, updated, torch.zeros_like(updated))
-        difference = problem.weight.to(torch.float64) - updated.to(torch.float64)
-        row_error = ((difference @ problem.gram.to(torch.float64)) * difference).sum(1)
+        row_error = problem.reconstruction_error(updated)
         extra.update(weight=updated.to(problem.weight.dtype), row_reconstruction_error=row_error,
                      reconstruction_error=float(row_error.sum()))
         return Solution(mask, Termination.HEURISTIC, extra=extra)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from sparseswaps import NM, MaskProblem, PerRow, Solution, Solver, Termination, mask_from_scores, register
+from sparseswaps.problem import pruned_first
 
 from . import swaps_cpu, swaps_triton
 
@@ -40,7 +41,7 @@ def scan_per_row(w, mask, c, gram, pattern) -> tuple[torch.Tensor, torch.Tensor,
     a, b = swap_terms(w, c, gram.diagonal())
     pruned_count = d - int(mask[0].sum())
     # Pruned indices in ascending order, so the flattened argmin breaks ties at the smallest (i, j).
-    pruned_idx = torch.sort(mask.long() * d + torch.arange(d, device=w.device), dim=1).indices[:, :pruned_count]
+    pruned_idx = pruned_first(mask)[:, :pruned_count]
     w_i = torch.gather(w, 1, pruned_idx)
     a_i = torch.gather(a, 1, pruned_idx)
     b_masked = torch.where(mask, b, torch.inf)

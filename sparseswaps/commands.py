@@ -103,13 +103,13 @@ def add_evaluate(commands) -> None:
 def run_evaluate(args) -> int:
     from .evaluate import evaluate_perplexities
     from .models import load_model, needs_bos_per_window
-    from .pipeline import _auto_device, _write_json_atomic, environment
+    from .pipeline import resolve_device, write_json_atomic, environment
     from .zeroshot import check_tasks, zero_shot, zero_shot_table
 
     if args.out is not None and args.out.exists():
         raise UserError(f"{args.out} already exists: choose another path or remove it (nothing is overwritten)")
     tasks = check_tasks(args.zero_shot or ())
-    device = _auto_device(args.device)
+    device = resolve_device(args.device)
     model, tokenizer, info = load_model(args.model)
     bos = needs_bos_per_window(model) if args.bos_per_window == "auto" else args.bos_per_window == "yes"
     model.to(device)
@@ -123,7 +123,7 @@ def run_evaluate(args) -> int:
         results["zero_shot"] = zero_shot(model, tokenizer, tasks, device, limit=args.zero_shot_limit)
         print(zero_shot_table({"model": results["zero_shot"]}))
     if args.out is not None:
-        _write_json_atomic(args.out, results)
+        write_json_atomic(args.out, results)
     return 0
 
 

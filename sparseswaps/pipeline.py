@@ -22,7 +22,7 @@ from .data import EVAL_CORPORA, calibration_windows, provenance
 from .errors import UserError
 from .evaluate import evaluate_perplexities
 from .models import load_model, needs_bos_per_window
-from .problem import MaskProblem, ProblemError, resolve_pattern
+from .problem import MaskProblem, ProblemError, pruned_first, resolve_pattern
 from .registry import get_solver, solve
 from .zeroshot import check_tasks, zero_shot
 
@@ -65,7 +65,7 @@ class PruneConfig:
             self, nsamples=self.nsamples or preset["nsamples"], seqlen=self.seqlen or preset["seqlen"],
             eval=tuple(preset["eval"] if self.eval is None else self.eval),
             eval_windows=preset["eval_windows"] if self.eval_windows == -1 else self.eval_windows,
-            device=_auto_device(self.device), solver_options=self._solver_options(preset))
+            device=resolve_device(self.device), solver_options=self._solver_options(preset))
         if config.pattern is not None:
             config = dataclasses.replace(config, sparsity=None)
         resolve_pattern(64 * 64, config.sparsity, config.pattern)   # range and syntax; widths checked per layer
@@ -94,7 +94,7 @@ class PruneConfig:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _auto_device(device: str) -> str:
+def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -157,7 +157,7 @@ def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None 
     if save is not None:
         _save_model(model, tokenizer, state["masks"], results, save)
     if out is not None:
-        _write_json_atomic(out, results)
+        write_json_atomic(out, results)
         _plot_reductions(results, out.with_suffix(".png"))
     if checkpointing:
         shutil.rmtree(checkpoint, ignore_errors=True)
@@ -222,7 +222,7 @@ def prune_layer(name, weight, statistics, config, device) -> tuple[dict, torch.T
         row["reconstruction_error"] = result.extra["reconstruction_error"]
     if config.update_weights:
         new_weight = least_squares_update(problem, mask)
-        row["reconstruction_error"] = _reconstruction_error(problem, new_weight)
+        row["reconstruction_error"] = float(problem.reconstruction_error(new_weight).sum())
     return row, mask, new_weight
 
 
@@ -237,17 +237,11 @@ def least_squares_update(problem: MaskProblem, mask: torch.Tensor, damping: floa
     kept = problem.keep
     for start in range(0, problem.rows, batch_rows):
         rows = slice(start, start + batch_rows)
-        index = torch.sort((~mask[rows]).long() * problem.d + torch.arange(problem.d, device=mask.device),
-                           dim=1).indices[:, :kept]
+        index = pruned_first(~mask[rows])[:, :kept]   # the kept entries, ascending
         system = gram[index.unsqueeze(2), index.unsqueeze(1)]
         rhs = torch.gather(target[rows], 1, index).unsqueeze(2)
         updated[rows].scatter_(1, index, torch.linalg.solve(system, rhs).squeeze(2))
     return updated.to(problem.weight.dtype)
-
-
-def _reconstruction_error(problem: MaskProblem, new_weight: torch.Tensor) -> float:
-    difference = problem.weight.to(torch.float64) - new_weight.to(torch.float64)
-    return float(((difference @ problem.gram.to(torch.float64)) * difference).sum())
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------
@@ -280,7 +274,7 @@ def _write_checkpoint(path: Path, config: PruneConfig, state: dict, blocks: nn.M
                path / "tensors.pt.tmp")
     os.replace(path / "tensors.pt.tmp", path / "tensors.pt")
     meta = {k: v for k, v in state.items() if k not in ("hidden", "kwargs", "masks")}
-    _write_json_atomic(path / "state.json", {"fingerprint": config.fingerprint(), **meta})
+    write_json_atomic(path / "state.json", {"fingerprint": config.fingerprint(), **meta})
 
 
 def _load_checkpoint(path: Path, config: PruneConfig, model, blocks) -> dict:
@@ -338,7 +332,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
+def write_json_atomic(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(payload, indent=2, default=str))
@@ -353,7 +347,7 @@ def _save_model(model, tokenizer, masks: dict, results: dict, save: Path) -> Non
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     save_file({name: mask.contiguous() for name, mask in masks.items()}, str(partial / "masks.safetensors"))
-    _write_json_atomic(partial / "sparseswaps.json", results)
+    write_json_atomic(partial / "sparseswaps.json", results)
     partial.rename(save)
 
 

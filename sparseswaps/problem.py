@@ -107,6 +107,12 @@ def mask_from_scores(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     return mask
 
 
+def pruned_first(mask: torch.Tensor) -> torch.Tensor:
+    """Column indices of each row: pruned entries first, then kept ones, each in ascending order."""
+    d = mask.shape[1]
+    return torch.sort(mask.long() * d + torch.arange(d, device=mask.device), dim=1).indices
+
+
 def _ranks(scores: torch.Tensor) -> torch.Tensor:
     """Rank of each entry within its row (0 = smallest), ties by index."""
     order = torch.sort(scores, dim=1, stable=True).indices
@@ -256,13 +262,17 @@ class MaskProblem:
         """Per-row error (w ⊙ ¬m)ᵀ G (w ⊙ ¬m) in float64, shape [rows]. Any bool mask of the right shape."""
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(self.weight.shape):
             raise ProblemError(f"objective() needs a bool mask of shape {tuple(self.weight.shape)} (True = keep)")
+        return self.reconstruction_error(self.weight * mask.to(self.device))
+
+    def reconstruction_error(self, new_weight: torch.Tensor) -> torch.Tensor:
+        """Per-row (w - ŵ)ᵀ G (w - ŵ) in float64 for any replacement weight ŵ, e.g. after weight updates."""
         gram = self.gram.to(torch.float64)
-        mask = mask.to(self.device)
+        new_weight = new_weight.to(self.device)
         out = torch.empty(self.rows, dtype=torch.float64, device=self.device)
         for start in range(0, self.rows, _OBJECTIVE_CHUNK):
             stop = start + _OBJECTIVE_CHUNK
-            pruned = self.weight[start:stop].to(torch.float64) * ~mask[start:stop]
-            out[start:stop] = ((pruned @ gram) * pruned).sum(1)
+            change = self.weight[start:stop].to(torch.float64) - new_weight[start:stop].to(torch.float64)
+            out[start:stop] = ((change @ gram) * change).sum(1)
         return out
 
     def total_objective(self, mask: torch.Tensor) -> float:

@@ -147,3 +147,17 @@ def test_block_walker_reproduces_the_dense_forward(family):
         model(ids[1:], use_cache=False)
     handle.remove()
     torch.testing.assert_close(hidden[1], captured[0], rtol=1e-5, atol=1e-5)
+
+
+def test_least_squares_update_refits_the_kept_weights():
+    from conftest import make_problem
+    from sparseswaps import solve
+    from sparseswaps.pipeline import least_squares_update
+
+    problem, _ = make_problem("correlated", rows=5, d=24, seed=3, sparsity=0.6)
+    mask = solve(problem, "wanda").mask
+    updated = least_squares_update(problem, mask, damping=0.0)
+    assert (updated[~mask] == 0).all()
+    assert (problem.reconstruction_error(updated) <= problem.objective(mask) * (1 + 1e-12)).all()
+    gradient = (problem.weight - updated) @ problem.gram          # normal equations on the kept set
+    assert gradient[mask].abs().max() < 1e-8 * gradient.abs().max().clamp_min(1)
