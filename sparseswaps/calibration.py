@@ -6,7 +6,9 @@
    block's forward is temporarily replaced by a recorder, so this pass costs only the embeddings.
 3. Per block: accumulate each targeted linear's Gram matrix with forward hooks, hand the layers to a
    callback that prunes them, then recompute the block's outputs with the pruned weights as the next
-   block's inputs. Only the current block is on the compute device.
+   block's inputs. Only the current block is on the compute device; the activations stay there too when
+   they fit (`stage_activations`), since shuttling them over PCIe for every sample twice per block
+   costs more than the block's own compute on a small model.
 """
 from __future__ import annotations
 
@@ -126,13 +128,24 @@ def _block_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def stage_activations(hidden: list[torch.Tensor], device, headroom: float = 4.0) -> list[torch.Tensor]:
+    """Move the calibration activations to `device` when `headroom` times their size is free there, else
+    keep them on the CPU (inputs and outputs coexist, plus the block's own working memory)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return [states.cpu() for states in hidden]
+    size = sum(states.numel() * states.element_size() for states in hidden)
+    free, _ = torch.cuda.mem_get_info(device)
+    return [states.to(device) for states in hidden] if headroom * size < free else [states.cpu() for states in hidden]
+
+
 def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, device) -> list[torch.Tensor]:
-    """The block's outputs for every sample (returned on the CPU)."""
+    """The block's outputs for every sample, each left on the device its input came from."""
     kwargs = to_device(kwargs, device)
     outputs = []
     with torch.no_grad():
         for states in hidden:
-            outputs.append(_block_output(block(states.to(device), **kwargs)).detach().cpu())
+            outputs.append(_block_output(block(states.to(device), **kwargs)).detach().to(states.device))
     return outputs
 
 

@@ -17,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .calibration import capture_block_inputs, find_blocks, gram_matrices, run_block, target_linears
+from .calibration import (capture_block_inputs, find_blocks, gram_matrices, run_block, stage_activations,
+                          target_linears)
 from .data import EVAL_CORPORA, calibration_windows, provenance
 from .errors import UserError
 from .evaluate import evaluate_perplexities
@@ -137,6 +138,7 @@ def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None 
         state = {"next_block": 0, "layers": [], "dense": dense, "calibration": samples.info,
                  "hidden": inputs.hidden, "kwargs": inputs.kwargs, "masks": {}}
     model.cpu()
+    state["hidden"] = stage_activations(state["hidden"], device)
     progress = tqdm(range(state["next_block"], len(blocks)), desc="pruning blocks", unit="block")
     for index in progress:
         _prune_block(index, blocks[index], f"{prefix}.{index}", state, config, device)
@@ -149,6 +151,7 @@ def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None 
         if stop_after_block is not None and index >= stop_after_block:
             raise KeyboardInterrupt(f"stopped after block {index} as asked")
     pruning_seconds = time.perf_counter() - started
+    del state["hidden"]   # free the activations (possibly on the GPU) before evaluating
     pruned = _evaluate(model, tokenizer, config, device, bos)
     results = _results(config, model_info, state, pruned, pruning_seconds, bos)
     if config.zero_shot:
@@ -270,7 +273,8 @@ def _write_checkpoint(path: Path, config: PruneConfig, state: dict, blocks: nn.M
     index = state["next_block"] - 1
     block_state = {k: v.detach().cpu().contiguous() for k, v in blocks[index].state_dict().items()}
     save_file(block_state, str(path / f"block_{index}.safetensors"))
-    torch.save({"hidden": state["hidden"], "kwargs": state["kwargs"], "masks": state["masks"]},
+    torch.save({"hidden": [states.cpu() for states in state["hidden"]], "kwargs": state["kwargs"],
+                "masks": state["masks"]},
                path / "tensors.pt.tmp")
     os.replace(path / "tensors.pt.tmp", path / "tensors.pt")
     meta = {k: v for k, v in state.items() if k not in ("hidden", "kwargs", "masks")}
