@@ -25,13 +25,17 @@ if AVAILABLE:
     import triton
     import triton.language as tl
 
-    CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_J": j}, num_warps=warps, num_stages=1)
-               for r, j, warps in [(64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 128, 8), (32, 128, 4)]]
+    # UNROLL > 1 unrolls the i loop so the small per-i loads of several steps issue together and their
+    # latency overlaps the previous steps' arithmetic.
+    CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_J": j, "UNROLL": unroll}, num_warps=warps, num_stages=1)
+               for r, j, warps in [(64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 128, 8), (32, 128, 4),
+                                   (128, 64, 4), (64, 128, 4)]
+               for unroll in (1, 4)]
 
     @triton.autotune(configs=CONFIGS, key=["d", "rows_bucket"])
     @triton.jit
     def _low_kernel(gram, weight, scale_t, restore_t, low, rows, d, rows_bucket,
-                    BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):  # pragma: no cover - compiled
+                    BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, UNROLL: tl.constexpr):  # pragma: no cover
         pid_r = tl.program_id(0)   # fastest: programs sharing a stripe of G run together (L2 reuse)
         pid_j = tl.program_id(1)
         r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -41,11 +45,14 @@ if AVAILABLE:
         rj_ok = r_ok[:, None] & j_ok[None, :]
         w = tl.load(weight + r[:, None] * d + j[None, :], mask=rj_ok, other=0.0)
         acc = tl.full([BLOCK_R, BLOCK_J], float("inf"), tl.float32)
-        for i in range(0, d):
-            g = tl.load(gram + i * d + j, mask=j_ok, other=0.0)                          # G_ij
-            s = tl.load(scale_t + i * rows + r, mask=r_ok, other=0.0)                     # -2 w_ri
-            a = tl.load(restore_t + i * rows + r, mask=r_ok, other=float("inf"))          # a_ri
-            acc = tl.minimum(acc, (w * g[None, :]) * s[:, None] + a[:, None])
+        for start in range(0, d, UNROLL):
+            for step in tl.static_range(UNROLL):
+                i = start + step
+                i_ok = i < d
+                g = tl.load(gram + i * d + j, mask=j_ok & i_ok, other=0.0)                       # G_ij
+                s = tl.load(scale_t + i * rows + r, mask=r_ok & i_ok, other=0.0)                  # -2 w_ri
+                a = tl.load(restore_t + i * rows + r, mask=r_ok & i_ok, other=float("inf"))       # a_ri
+                acc = tl.minimum(acc, (w * g[None, :]) * s[:, None] + a[:, None])
         tl.store(low + r[:, None] * d + j[None, :], acc, mask=rj_ok)
 
 
@@ -73,6 +80,12 @@ def scan_per_row_triton(w, mask, c, gram, pattern):
     column = gram[j] * w.gather(1, j.unsqueeze(1))
     i = (restore + scale * column).argmin(1)
     return best, i, j
+
+
+def tuned_config() -> str | None:
+    """The tile configuration the autotuner chose for the last shape scanned (None before any scan)."""
+    chosen = getattr(_low_kernel, "best_config", None) if AVAILABLE else None
+    return None if chosen is None else str(chosen)
 
 
 def _bucket(rows: int) -> int:
