@@ -323,14 +323,17 @@ def environment() -> dict:
             versions[package] = md.version(package)
         except md.PackageNotFoundError:
             versions[package] = None
-    return {"sparseswaps": __version__, "git_commit": _git_commit(), "python": platform.python_version(),
+    # A copied tree can sit on a stale .git: then the commit alone does not identify the code.
+    changes = _git("status", "--porcelain", "--untracked-files=no")
+    return {"sparseswaps": __version__, "git_commit": _git("rev-parse", "HEAD"),
+            "git_dirty": None if changes is None else bool(changes), "python": platform.python_version(),
             "platform": platform.platform(), "packages": versions,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
