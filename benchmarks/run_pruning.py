@@ -53,6 +53,9 @@ def table(runs: list[dict]) -> str:
             lines.append(f"| {run['target']} | {run['summary']['mean_reduction']:.1%} | "
                          f"{reductions[len(reductions) // 2]:.1%} | {len(reductions)} | {run['summary']['total_swaps']} | "
                          f"{sum(layer['time_s'] for layer in run['layers']):.1f} |")
+    notes = [f"- {r['method']} {r['target']}: {r['note']}" for r in runs if r.get("note")]
+    if notes:
+        lines += ["", "Notes:", ""] + notes
     return "\n".join(lines) + "\n"
 
 
@@ -68,8 +71,15 @@ def matrix_parser(description: str, methods: str) -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = matrix_parser(__doc__, ",".join(METHODS)).parse_args()
+    parser = matrix_parser(__doc__, ",".join(METHODS))
+    parser.add_argument("--redo", default="", help="methods whose runs already in --out are dropped and run again")
+    args = parser.parse_args()
     store = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    redo = set(filter(None, args.redo.split(",")))
+    unknown = (set(args.methods.split(",")) | redo) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown method {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    store["runs"] = [r for r in store["runs"] if r["method"] not in redo]
     done = {(r["method"], r["target"]) for r in store["runs"]}
     dense_cache: dict = {}
     for target in args.targets.split(","):

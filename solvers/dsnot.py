@@ -6,6 +6,9 @@ the reference code) and runs regrow/prune cycles: regrow the pruned weight whose
 N:M: the lowest-Wanda kept weight of the regrown weight's group). A row stops when |r| <= threshold,
 after `max_cycles` cycles (50), or when its candidates run out.
 
+As in the reference code (its default `--skip_layer mlp`), layers whose name has a component `mlp` keep
+their warm start untouched: DSnoT refines only the other layers unless told `skip_layer="no_skip"`.
+
 Differences from the reference code: Var[x_j] is the variance over all calibration tokens (the reference
 averages per-sample variances), and a row whose candidate lists are exhausted stops instead of reusing
 entries.
@@ -107,10 +110,13 @@ class DSnoTSolver(Solver):
     warm_start = True
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, max_cycles: int = 50,
-              update_threshold: float = 0.1, pow_of_var_regrowing: float = 1.0, same_sign: bool = False) -> Solution:
-        metric, variance = _first_moment_metric(problem)
+              update_threshold: float = 0.1, pow_of_var_regrowing: float = 1.0, same_sign: bool = False,
+              skip_layer: str = "mlp") -> Solution:
         wanda = problem.wanda_scores().to(torch.float64)
         mask = (warm_start if warm_start is not None else mask_from_scores(wanda, problem.pattern)).clone()
+        if skip_layer != "no_skip" and skip_layer in problem.name.split("."):
+            return Solution(mask, Termination.HEURISTIC, extra={"cycles": 0, "skipped": True})
+        metric, variance = _first_moment_metric(problem)
         if isinstance(problem.pattern, NM):
             mask, cycles = _refine_nm(problem, metric, variance, mask, wanda, max_cycles, update_threshold,
                                       pow_of_var_regrowing, problem.pattern)

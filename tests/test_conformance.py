@@ -85,3 +85,17 @@ def test_warm_start_respected(name, label, instances):
     for start in (ss.solve(problem, "magnitude").mask, optimum.mask):
         result = ss.solve(problem, name, warm_start=start, **SOLVER_CASES[name])
         assert (result.row_objective <= problem.objective(start) * (1 + REL)).all()
+
+
+def test_dsnot_leaves_mlp_layers_at_the_warm_start_like_the_reference():
+    weight, x = torch.randn(6, 16, generator=torch.Generator().manual_seed(0)), torch.randn(4, 32, 16)
+    x += 2.0   # a non-zero input mean, so DSnoT has an error to cancel
+    start = ss.solve(ss.MaskProblem.from_inputs(weight, x, sparsity=0.5), "wanda").mask
+    names = {"model.layers.0.mlp.down_proj": "mlp", "model.layers.0.self_attn.q_proj": "self_attn"}
+    masks = {kind: ss.solve(ss.MaskProblem.from_inputs(weight, x, sparsity=0.5, name=name), "dsnot").mask
+             for name, kind in names.items()}
+    assert torch.equal(masks["mlp"], start)
+    assert not torch.equal(masks["self_attn"], start)
+    no_skip = ss.solve(ss.MaskProblem.from_inputs(weight, x, sparsity=0.5, name="model.layers.0.mlp.down_proj"),
+                       "dsnot", skip_layer="no_skip").mask
+    assert torch.equal(no_skip, masks["self_attn"])
