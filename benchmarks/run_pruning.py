@@ -59,6 +59,32 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(runs: list[dict], path: Path) -> None:
+    """Grouped bars: perplexity of every method at every target, one panel per corpus (log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpora = list(runs[0]["perplexity"]["dense"])
+    targets = list(dict.fromkeys(r["target"] for r in runs))
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    width = 0.8 / len(methods)
+    figure, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 4), squeeze=False)
+    for axis, corpus in zip(axes[0], corpora):
+        for k, method in enumerate(methods):
+            heights = [next((r["perplexity"]["pruned"][corpus]["ppl"] for r in runs
+                             if r["method"] == method and r["target"] == t), float("nan")) for t in targets]
+            axis.bar([t + k * width for t in range(len(targets))], heights, width, label=method)
+        axis.axhline(runs[0]["perplexity"]["dense"][corpus]["ppl"], color="black", linestyle="--", label="dense")
+        axis.set_yscale("log")
+        axis.set_xticks([t + 0.4 - width / 2 for t in range(len(targets))], targets)
+        axis.set_title(f"{corpus} perplexity (lower is better)")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def matrix_parser(description: str, methods: str) -> argparse.ArgumentParser:
     """The options every matrix runner shares: model, methods x targets, protocol, output JSON."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +122,7 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(store, indent=1, default=str))
             args.out.with_suffix(".md").write_text(table(store["runs"]))
+            plot(store["runs"], args.out.with_suffix(".png"))
             ppl = {c: round(v["ppl"], 3) for c, v in result["perplexity"]["pruned"].items()}
             print(f"{method} {target}: {ppl} ({result['wall_s']:.0f} s)", flush=True)
     print(table(store["runs"]))

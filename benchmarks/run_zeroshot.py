@@ -19,6 +19,26 @@ from sparseswaps.pipeline import PruneConfig, environment, prune_model  # noqa: 
 from sparseswaps.zeroshot import OFFICIAL_ITEMS, zero_shot, zero_shot_table  # noqa: E402
 
 
+def plot(columns: dict[str, dict], path: Path) -> None:
+    """Grouped bars: accuracy per task for every evaluated model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in OFFICIAL_ITEMS if all(t in c for c in columns.values())]
+    width = 0.8 / len(columns)
+    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(tasks)), 3.8))
+    for k, (name, column) in enumerate(columns.items()):
+        axis.bar([t + k * width for t in range(len(tasks))], [column[t]["acc"] for t in tasks], width, label=name)
+    axis.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, rotation=20)
+    axis.set_ylabel("accuracy")
+    axis.set_title("Zero-shot accuracy (full splits)")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = matrix_parser(__doc__, "wanda,wanda+swaps")
     parser.add_argument("--tasks", default=",".join(OFFICIAL_ITEMS))
@@ -34,6 +54,7 @@ def main() -> None:
         columns = {name: run["zero_shot"] for name, run in store["runs"].items()}
         args.out.with_suffix(".md").write_text(f"# Zero-shot accuracy (acc, acc_norm in brackets)\n\n"
                                                f"{zero_shot_table(columns)}\n")
+        plot(columns, args.out.with_suffix(".png"))
 
     if "dense" not in store["runs"]:
         config = PruneConfig(model=args.model, device=args.device).resolved()

@@ -1,0 +1,26 @@
+"""The matrix runners' tables and plots, on the committed H100 results (they run where time is scarce)."""
+import json
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import run_pruning  # noqa: E402
+import run_zeroshot  # noqa: E402
+
+
+def test_pruning_table_and_plot(tmp_path):
+    runs = json.loads((BENCHMARKS / "results" / "pruning_smollm2.json").read_text())["runs"]
+    table = run_pruning.table(runs)
+    for method in run_pruning.METHODS:
+        assert f"| {method} |" in table
+    assert "Notes:" in table   # the DSnoT runs carry a note
+    run_pruning.plot(runs, tmp_path / "matrix.png")
+    assert (tmp_path / "matrix.png").stat().st_size > 10_000
+
+
+def test_zeroshot_plot(tmp_path):
+    runs = json.loads((BENCHMARKS / "results" / "zeroshot_smollm2.json").read_text())["runs"]
+    run_zeroshot.plot({name: run["zero_shot"] for name, run in runs.items()}, tmp_path / "zeroshot.png")
+    assert (tmp_path / "zeroshot.png").stat().st_size > 10_000
