@@ -59,8 +59,16 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grouped_bars(axis, groups: list[str], series: dict[str, list[float]]) -> None:
+    """One cluster of bars per group, one bar per series (missing values: NaN, drawn as a gap)."""
+    width = 0.8 / len(series)
+    for k, (name, heights) in enumerate(series.items()):
+        axis.bar([g + k * width for g in range(len(groups))], heights, width, label=name)
+    axis.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
+
+
 def plot(runs: list[dict], path: Path) -> None:
-    """Grouped bars: perplexity of every method at every target, one panel per corpus (log scale)."""
+    """Perplexity of every method at every target, one panel per corpus (log scale)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -68,16 +76,14 @@ def plot(runs: list[dict], path: Path) -> None:
     corpora = list(runs[0]["perplexity"]["dense"])
     targets = list(dict.fromkeys(r["target"] for r in runs))
     methods = list(dict.fromkeys(r["method"] for r in runs))
-    width = 0.8 / len(methods)
     figure, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 4), squeeze=False)
     for axis, corpus in zip(axes[0], corpora):
-        for k, method in enumerate(methods):
-            heights = [next((r["perplexity"]["pruned"][corpus]["ppl"] for r in runs
-                             if r["method"] == method and r["target"] == t), float("nan")) for t in targets]
-            axis.bar([t + k * width for t in range(len(targets))], heights, width, label=method)
+        grouped_bars(axis, targets, {
+            method: [next((r["perplexity"]["pruned"][corpus]["ppl"] for r in runs
+                           if r["method"] == method and r["target"] == t), float("nan")) for t in targets]
+            for method in methods})
         axis.axhline(runs[0]["perplexity"]["dense"][corpus]["ppl"], color="black", linestyle="--", label="dense")
         axis.set_yscale("log")
-        axis.set_xticks([t + 0.4 - width / 2 for t in range(len(targets))], targets)
         axis.set_title(f"{corpus} perplexity (lower is better)")
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()

@@ -13,24 +13,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_pruning import METHODS, matrix_parser, target_fields  # noqa: E402
+from run_pruning import METHODS, grouped_bars, matrix_parser, target_fields  # noqa: E402
 from sparseswaps.models import load_model  # noqa: E402
 from sparseswaps.pipeline import PruneConfig, environment, prune_model  # noqa: E402
 from sparseswaps.zeroshot import OFFICIAL_ITEMS, zero_shot, zero_shot_table  # noqa: E402
 
 
 def plot(columns: dict[str, dict], path: Path) -> None:
-    """Grouped bars: accuracy per task for every evaluated model."""
+    """Accuracy per task for every evaluated model."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = [t for t in OFFICIAL_ITEMS if all(t in c for c in columns.values())]
-    width = 0.8 / len(columns)
     figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(tasks)), 3.8))
-    for k, (name, column) in enumerate(columns.items()):
-        axis.bar([t + k * width for t in range(len(tasks))], [column[t]["acc"] for t in tasks], width, label=name)
-    axis.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, rotation=20)
+    grouped_bars(axis, tasks, {name: [column[t]["acc"] for t in tasks] for name, column in columns.items()})
+    axis.tick_params(axis="x", labelrotation=20)
     axis.set_ylabel("accuracy")
     axis.set_title("Zero-shot accuracy (full splits)")
     axis.legend(fontsize=7, ncol=2)

@@ -35,19 +35,25 @@ def swap_terms(w: torch.Tensor, c: torch.Tensor, diag: torch.Tensor) -> tuple[to
     return w2g - 2 * w * c, w2g + 2 * w * c
 
 
+def masked_swap_terms(w, mask, c, gram) -> tuple[torch.Tensor, torch.Tensor]:
+    """(restore, prune): a where the entry is pruned (a candidate i), b where it is kept (a candidate j),
+    +inf elsewhere, so no pair with the wrong roles can win a minimum."""
+    a, b = swap_terms(w, c, gram.diagonal())
+    return torch.where(mask, torch.inf, a), torch.where(mask, b, torch.inf)
+
+
 def scan_per_row(w, mask, c, gram, pattern) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best (Δ, i, j) of each row over every (pruned i, kept j) pair: dense, batched torch."""
     rows, d = w.shape
-    a, b = swap_terms(w, c, gram.diagonal())
+    restore, prune = masked_swap_terms(w, mask, c, gram)
     pruned_count = d - int(mask[0].sum())
     # Pruned indices in ascending order, so the flattened argmin breaks ties at the smallest (i, j).
     pruned_idx = pruned_first(mask)[:, :pruned_count]
     w_i = torch.gather(w, 1, pruned_idx)
-    a_i = torch.gather(a, 1, pruned_idx)
-    b_masked = torch.where(mask, b, torch.inf)
+    a_i = torch.gather(restore, 1, pruned_idx)
     delta = gram[pruned_idx]                                   # [rows, p, d]: G_ij
     delta.mul_(w.unsqueeze(1)).mul_(w_i.unsqueeze(2) * -2)
-    delta.add_(a_i.unsqueeze(2)).add_(b_masked.unsqueeze(1))
+    delta.add_(a_i.unsqueeze(2)).add_(prune.unsqueeze(1))
     best, flat = delta.view(rows, -1).min(1)
     i = torch.gather(pruned_idx, 1, (flat // d).unsqueeze(1)).squeeze(1)
     return best, i, flat % d

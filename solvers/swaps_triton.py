@@ -58,14 +58,12 @@ if AVAILABLE:
 
 def scan_per_row_triton(w, mask, c, gram, pattern):
     """Best (Δ, i, j) per row over (pruned i, kept j) pairs; float32 CUDA tensors."""
-    from .swaps import swap_terms
+    from .swaps import masked_swap_terms
 
     if w.dtype != torch.float32:
         raise ValueError("the Triton scan computes in float32 (dtype='float32')")
     rows, d = w.shape
-    a, b = swap_terms(w, c, gram.diagonal())
-    restore = torch.where(mask, torch.inf, a)
-    prune = torch.where(mask, b, torch.inf)
+    restore, prune = masked_swap_terms(w, mask, c, gram)
     scale = -2 * w
     w = w.contiguous()
     gram = gram.contiguous()

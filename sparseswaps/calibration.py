@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -149,15 +150,22 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, device
     return outputs
 
 
-def gram_matrices(block: nn.Module, layers: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: dict,
-                  device, dtype=torch.float32) -> dict[str, GramAccumulator]:
-    """Run the (dense) block over every sample, accumulating each layer's input statistics."""
+@contextmanager
+def recording_inputs(layers: dict[str, nn.Linear], device, dtype=torch.float32):
+    """Forward hooks accumulating each layer's input statistics while the block runs; yields the accumulators."""
     accumulators = {name: GramAccumulator(layer.in_features, device, dtype) for name, layer in layers.items()}
     handles = [layer.register_forward_hook(accumulators[name].hook) for name, layer in layers.items()]
     try:
-        run_block(block, hidden, kwargs, device)
+        yield accumulators
     finally:
         for handle in handles:
             handle.remove()
+
+
+def gram_matrices(block: nn.Module, layers: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: dict,
+                  device, dtype=torch.float32) -> dict[str, GramAccumulator]:
+    """Run the (dense) block over every sample, accumulating each layer's input statistics."""
+    with recording_inputs(layers, device, dtype) as accumulators:
+        run_block(block, hidden, kwargs, device)
     return accumulators
 

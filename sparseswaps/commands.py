@@ -47,16 +47,16 @@ def add_prune(commands) -> None:
 def run_prune(args) -> int:
     from .pipeline import PruneConfig, prune_model
 
+    # --sparsity defaults to 0.5; PruneConfig drops it when --pattern is given (the two are exclusive).
     config = PruneConfig(model=args.model, solver=args.solver,
                          warm_start=None if args.warm_start in ("none", "") else args.warm_start,
-                         sparsity=args.sparsity if args.pattern is None else None, pattern=args.pattern,
+                         sparsity=0.5 if args.sparsity is None else args.sparsity, pattern=args.pattern,
                          protocol=args.protocol, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                          eval=args.eval, eval_windows=None if args.eval_windows == 0 else args.eval_windows,
                          device=args.device, dtype=args.dtype, update_weights=args.update_weights,
-                         solver_options=parse_option_values(args.solver_option or [], "--solver-option"), bos_per_window=args.bos_per_window,
-                         zero_shot=args.zero_shot or (), zero_shot_limit=args.zero_shot_limit)
-    if config.sparsity is None and config.pattern is None:
-        config.sparsity = 0.5
+                         solver_options=parse_option_values(args.solver_option or [], "--solver-option"),
+                         bos_per_window=args.bos_per_window, zero_shot=args.zero_shot or (),
+                         zero_shot_limit=args.zero_shot_limit)
     results = prune_model(config, args.out, args.save, resume=args.resume)
     print(summary_table(results))
     return 0
@@ -190,8 +190,8 @@ def run_gaps_command(args) -> int:
     instances = load_instances(args.instances)
     targets = [f"{float(s):.0%}" for s in args.sparsity] + list(args.pattern)
     jsonl = args.out / "gaps.jsonl"
-    environment = {"environment": environment(), "command": "sparseswaps gaps " + " ".join(args.argv)}
-    ran = run_gaps(instances, list(args.solvers), targets, args.time_limit, jsonl, environment)
+    provenance = {"environment": environment(), "command": "sparseswaps gaps " + " ".join(args.argv)}
+    ran = run_gaps(instances, list(args.solvers), targets, args.time_limit, jsonl, provenance)
     save_optima(read_jsonl(jsonl), args.instances)
     print(write_report(jsonl, args.out))
     print(f"{ran} new runs; results in {args.out}")

@@ -58,8 +58,10 @@ def _applies(inst: Instance, target: str, parsed) -> bool:
     name, _, max_d = parsed
     if max_d is not None and inst.d > max_d:
         return False
-    if name == "bruteforce" and inst.d > 20:
-        return False
+    if name == "bruteforce":
+        from solvers.bruteforce import MAX_D
+        if inst.d > MAX_D:
+            return False
     if ":" in target and inst.d % int(target.split(":")[1]):
         return False
     return True

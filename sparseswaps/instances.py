@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .errors import UserError
 from .problem import MaskProblem
@@ -92,7 +93,7 @@ def _synthetic_inputs(family: str, tokens: int, d: int, generator) -> torch.Tens
 
 def layer_grams(model, tokenizer, layer_names: list[str], nsamples: int, seqlen: int, seed: int) -> dict:
     """Float64 Gram matrices of the inputs of `layer_names` over C4 calibration windows (dense model)."""
-    from .calibration import GramAccumulator
+    from .calibration import recording_inputs
     from .data import calibration_windows
 
     modules = dict(model.named_modules())
@@ -100,17 +101,10 @@ def layer_grams(model, tokenizer, layer_names: list[str], nsamples: int, seqlen:
     if missing:
         raise UserError(f"the model has no layer {missing[0]!r}")
     windows = calibration_windows(tokenizer, nsamples, seqlen, seed)
-    accumulators = {name: GramAccumulator(modules[name].in_features, "cpu", torch.float64) for name in layer_names}
-    handles = [modules[name].register_forward_hook(accumulators[name].hook) for name in layer_names]
-    from tqdm.auto import tqdm
-
-    try:
-        with torch.no_grad():
-            for sample in tqdm(windows.input_ids, desc="calibration", unit="window"):
-                model(sample.unsqueeze(0), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    layers = {name: modules[name] for name in layer_names}
+    with recording_inputs(layers, "cpu", torch.float64) as accumulators, torch.no_grad():
+        for sample in tqdm(windows.input_ids, desc="calibration", unit="window"):
+            model(sample.unsqueeze(0), use_cache=False)
     return {name: acc.gram for name, acc in accumulators.items()}, windows.info
 
 

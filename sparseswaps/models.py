@@ -43,8 +43,6 @@ def file_sha256(path: Path) -> str:
 
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, info). `spec`: None (the default model), a .gguf path, or a local HF folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if spec is None:
         path = default_model_file()
         return _load_gguf(path, dtype, expected_sha256=DEFAULT_SHA256)
@@ -58,9 +56,16 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
                         "checkpoint folder (with config.json), a .gguf file, or no --model for the default")
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json: it is not a Hugging Face checkpoint folder")
+    model, tokenizer = _load_folder(path, dtype)
+    return model, tokenizer, {"source": str(path), "format": "hf", "dtype": str(dtype)}
+
+
+def _load_folder(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    return model.eval(), tokenizer, {"source": str(path), "format": "hf", "dtype": str(dtype)}
+    return model.eval(), tokenizer
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, expected_sha256: str | None = None):
@@ -72,14 +77,14 @@ def _load_gguf(path: Path, dtype: torch.dtype, expected_sha256: str | None = Non
     info = {"source": str(path), "format": "gguf", "sha256": digest, "dtype": str(dtype)}
     cache = CACHE_DIR / f"gguf-{digest[:16]}"
     if (cache / "config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, local_files_only=True)
-        return model.eval(), tokenizer, {**info, "cache": str(cache)}
+        model, tokenizer = _load_folder(cache, dtype)
+        return model, tokenizer, {**info, "cache": str(cache)}
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                  local_files_only=True)
     clear_gguf_marker(model)
-    _write_cache(model, tokenizer, cache)
+    shutil.rmtree(cache, ignore_errors=True)
+    write_model_folder(model, tokenizer, cache)
     return model.to(dtype).eval(), tokenizer, {**info, "cache": str(cache)}
 
 
@@ -90,13 +95,16 @@ def clear_gguf_marker(model) -> None:
         del model.config.quantization_config
 
 
-def _write_cache(model, tokenizer, cache: Path) -> None:
-    partial = cache.with_name(cache.name + ".partial")
+def write_model_folder(model, tokenizer, folder: Path, write_extra=None) -> None:
+    """save_pretrained (safetensors) and the tokenizer, plus whatever `write_extra(partial_folder)` adds,
+    written beside `folder` and renamed into place, so a crash never leaves a folder that looks complete."""
+    partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    shutil.rmtree(cache, ignore_errors=True)
-    partial.rename(cache)   # a crash mid-write never leaves a cache that looks complete
+    if write_extra is not None:
+        write_extra(partial)
+    partial.rename(folder)
 
 
 def needs_bos_per_window(model) -> bool:

@@ -22,7 +22,7 @@ from .calibration import (capture_block_inputs, find_blocks, gram_matrices, run_
 from .data import EVAL_CORPORA, calibration_windows, provenance
 from .errors import UserError
 from .evaluate import evaluate_perplexities
-from .models import load_model, needs_bos_per_window
+from .models import load_model, needs_bos_per_window, write_model_folder
 from .problem import MaskProblem, ProblemError, pruned_first, resolve_pattern
 from .registry import get_solver, solve
 from .zeroshot import check_tasks, zero_shot
@@ -134,7 +134,7 @@ def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None 
         if dense_key not in cache:
             cache[dense_key] = _evaluate(model, tokenizer, config, device, bos)
         dense = cache[dense_key]
-        inputs = capture_block_inputs(model.cpu(), blocks, samples.input_ids)
+        inputs = capture_block_inputs(model, blocks, samples.input_ids)
         state = {"next_block": 0, "layers": [], "dense": dense, "calibration": samples.info,
                  "hidden": inputs.hidden, "kwargs": inputs.kwargs, "masks": {}}
     model.cpu()
@@ -349,13 +349,11 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 def _save_model(model, tokenizer, masks: dict, results: dict, save: Path) -> None:
     from safetensors.torch import save_file
 
-    partial = save.with_name(save.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    save_file({name: mask.contiguous() for name, mask in masks.items()}, str(partial / "masks.safetensors"))
-    write_json_atomic(partial / "sparseswaps.json", results)
-    partial.rename(save)
+    def write_masks_and_report(folder: Path) -> None:
+        save_file({name: mask.contiguous() for name, mask in masks.items()}, str(folder / "masks.safetensors"))
+        write_json_atomic(folder / "sparseswaps.json", results)
+
+    write_model_folder(model, tokenizer, save, write_masks_and_report)
 
 
 def _plot_reductions(results: dict, path: Path) -> None:

@@ -25,25 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from sparseswaps import MaskProblem, mask_from_scores  # noqa: E402
 from sparseswaps.instances import layer_grams  # noqa: E402
 from sparseswaps.models import load_model  # noqa: E402
-from solvers.swaps import swap_terms  # noqa: E402
+from solvers.swaps import masked_swap_terms  # noqa: E402
 
 LAYERS = [f"model.layers.{b}.{kind}" for b in (2, 15) for kind in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")]
 
 
-def restore_terms(w, mask, c, gram):
-    a, b = swap_terms(w, c, gram.diagonal())
-    return torch.where(mask, torch.inf, a), b
-
-
 def full_low(w, mask, c, gram):
     """Exact low[r, j] for every j (materialises [rows, d, d]; fine at these sizes)."""
-    a, _ = restore_terms(w, mask, c, gram)
+    a, _ = masked_swap_terms(w, mask, c, gram)
     return (a.unsqueeze(2) - 2 * (w.unsqueeze(2) * gram) * w.unsqueeze(1)).min(1).values
 
 
 def column_low(w, mask, c, gram, j):
     """Exact low[r, j_r] for one j per row, and the i reaching it."""
-    a, _ = restore_terms(w, mask, c, gram)
+    a, _ = masked_swap_terms(w, mask, c, gram)
     rows = torch.arange(len(j))
     return (a - 2 * w * gram[:, j].T * w[rows, j].unsqueeze(1)).min(1)
 
@@ -60,8 +55,8 @@ def best_improvement(w, mask, gram, iterations):
     active = torch.ones(len(w), dtype=torch.bool)
     sequence = []
     for _ in range(iterations):
-        _, b = restore_terms(w, mask, c, gram)
-        best, j = torch.where(mask, b + full_low(w, mask, c, gram), torch.inf).min(1)
+        _, prune = masked_swap_terms(w, mask, c, gram)
+        best, j = (prune + full_low(w, mask, c, gram)).min(1)
         active &= best < 0
         if not active.any():
             break
@@ -81,9 +76,9 @@ def lazy(w, mask, gram, iterations, candidates):
     active = torch.ones(len(w), dtype=torch.bool)
     sequence = []
     for _ in range(iterations):
-        a, b = restore_terms(w, mask, c, gram)
-        top = torch.where(mask, b + low, torch.inf).topk(candidates + 1, largest=False)
-        exact = torch.stack([b[everyone, top.indices[:, k]] + column_low(w, mask, c, gram, top.indices[:, k]).values
+        a, prune = masked_swap_terms(w, mask, c, gram)
+        top = (prune + low).topk(candidates + 1, largest=False)
+        exact = torch.stack([prune[everyone, top.indices[:, k]] + column_low(w, mask, c, gram, top.indices[:, k]).values
                              for k in range(candidates)], 1)
         best, position = exact.min(1)
         j = top.indices[everyone, position]
@@ -91,7 +86,7 @@ def lazy(w, mask, gram, iterations, candidates):
         if rescan.any():
             low[rescan] = full_low(w[rescan], mask[rescan], c[rescan], gram)
             scans += int(rescan.sum())
-            best[rescan], j[rescan] = torch.where(mask[rescan], b[rescan] + low[rescan], torch.inf).min(1)
+            best[rescan], j[rescan] = (prune[rescan] + low[rescan]).min(1)
         active &= best < 0
         if not active.any():
             break
@@ -101,7 +96,7 @@ def lazy(w, mask, gram, iterations, candidates):
         sequence.append((rows.tolist(), i.tolist(), j.tolist()))
         apply(w, mask, c, gram, rows, i, j)
         # Carry the bounds over the swap: every pruned i moved by at least min δa; j is newly pruned.
-        a_after, _ = restore_terms(w, mask, c, gram)
+        a_after, _ = masked_swap_terms(w, mask, c, gram)
         moved = torch.where(torch.isfinite(a_after) & torch.isfinite(a), a_after - a, torch.inf).min(1).values
         newly_pruned = a_after[rows, j].unsqueeze(1) - 2 * w[rows, j].unsqueeze(1) * gram[j] * w[rows]
         low[rows] = torch.minimum(low[rows] + moved[rows].unsqueeze(1), newly_pruned)
