@@ -99,7 +99,26 @@ def matrix_parser(description: str, methods: str) -> argparse.ArgumentParser:
     parser.add_argument("--targets", default="0.5,0.6,2:4")
     parser.add_argument("--protocol", default="paper")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="SHARD",
+                        help="fold the runs of these JSONs (shards run in parallel, e.g. one per --methods "
+                             "subset) into --out, write its table and plot, and stop")
     return parser
+
+
+def save(store: dict, out: Path) -> None:
+    """The JSON, its markdown table and its plot, side by side."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(store, indent=1, default=str))
+    out.with_suffix(".md").write_text(table(store["runs"]))
+    plot(store["runs"], out.with_suffix(".png"))
+
+
+def merge_shards(store: dict, shards: list[Path]) -> None:
+    """Fold in the runs of matrices run in parallel (one JSON each); a shard's run replaces the same run."""
+    for shard in shards:
+        runs = json.loads(shard.read_text())["runs"]
+        fresh = {(r["method"], r["target"]) for r in runs}
+        store["runs"] = [r for r in store["runs"] if (r["method"], r["target"]) not in fresh] + runs
 
 
 def main() -> None:
@@ -107,6 +126,11 @@ def main() -> None:
     parser.add_argument("--redo", default="", help="methods whose runs already in --out are dropped and run again")
     args = parser.parse_args()
     store = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    if args.merge:
+        merge_shards(store, args.merge)
+        save(store, args.out)
+        print(table(store["runs"]))
+        return
     redo = set(filter(None, args.redo.split(",")))
     unknown = (set(args.methods.split(",")) | redo) - set(METHODS)
     if unknown:
@@ -125,14 +149,10 @@ def main() -> None:
             result = prune_model(config, dense_cache=dense_cache, checkpointing=False)
             result.update(method=method, target=target, wall_s=time.perf_counter() - started)
             store["runs"].append(result)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(store, indent=1, default=str))
-            args.out.with_suffix(".md").write_text(table(store["runs"]))
-            plot(store["runs"], args.out.with_suffix(".png"))
+            save(store, args.out)
             ppl = {c: round(v["ppl"], 3) for c, v in result["perplexity"]["pruned"].items()}
             print(f"{method} {target}: {ppl} ({result['wall_s']:.0f} s)", flush=True)
     print(table(store["runs"]))
-
 
 if __name__ == "__main__":
     main()

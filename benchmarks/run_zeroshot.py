@@ -54,6 +54,12 @@ def main() -> None:
                                                f"{zero_shot_table(columns)}\n")
         plot(columns, args.out.with_suffix(".png"))
 
+    if args.merge:
+        for shard in args.merge:
+            store["runs"].update(json.loads(shard.read_text())["runs"])
+        save()
+        print(args.out.with_suffix(".md").read_text())
+        return
     if "dense" not in store["runs"]:
         config = PruneConfig(model=args.model, device=args.device).resolved()
         model, tokenizer, info = load_model(args.model)

@@ -24,3 +24,18 @@ def test_zeroshot_plot(tmp_path):
     runs = json.loads((BENCHMARKS / "results" / "zeroshot_smollm2.json").read_text())["runs"]
     run_zeroshot.plot({name: run["zero_shot"] for name, run in runs.items()}, tmp_path / "zeroshot.png")
     assert (tmp_path / "zeroshot.png").stat().st_size > 10_000
+
+
+def test_pruning_shards_merge_into_one_matrix(tmp_path, monkeypatch):
+    runs = json.loads((BENCHMARKS / "results" / "pruning_smollm2.json").read_text())["runs"]
+    shards = [tmp_path / "a.json", tmp_path / "b.json"]
+    shards[0].write_text(json.dumps({"runs": runs[::2]}))
+    shards[1].write_text(json.dumps({"runs": runs[1::2]}))
+    out = tmp_path / "matrix.json"
+    out.write_text(json.dumps({"runs": [dict(runs[0], note="stale")]}))   # replaced by shard a's run
+    monkeypatch.setattr(sys, "argv", ["run_pruning.py", "--out", str(out), "--merge", *map(str, shards)])
+    run_pruning.main()
+    merged = json.loads(out.read_text())["runs"]
+    assert sorted((r["method"], r["target"]) for r in merged) == sorted((r["method"], r["target"]) for r in runs)
+    assert merged == runs[::2] + runs[1::2]
+    assert out.with_suffix(".md").read_text() == run_pruning.table(merged)
