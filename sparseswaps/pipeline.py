@@ -39,6 +39,7 @@ PROTOCOLS = {
 @dataclass
 class PruneConfig:
     model: str | None = None
+    tokenizer: str | None = None           # folder replacing a GGUF file's converted tokenizer
     solver: str = "swaps"
     warm_start: str | None = "wanda"
     sparsity: float | None = 0.5
@@ -115,7 +116,7 @@ def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None 
     config = config.resolved()
     checkpoint = checkpoint or _default_checkpoint(out, save)
     _check_outputs(out, save, checkpoint if checkpointing else None, resume)
-    model, tokenizer, model_info = load_model(config.model, _DTYPES[config.dtype])
+    model, tokenizer, model_info = load_model(config.model, _DTYPES[config.dtype], config.tokenizer)
     bos = needs_bos_per_window(model) if config.bos_per_window == "auto" else config.bos_per_window == "yes"
     prefix, blocks = find_blocks(model)
     layer_count = sum(len(target_linears(block, f"{prefix}.{i}")) for i, block in enumerate(blocks))
