@@ -1,0 +1,196 @@
+"""Experiment: what the 1-swap scan's inner loop compiles to on the H100, without a GPU.
+
+Triton compiles for sm_90 on any machine (its wheel bundles ptxas and cuobjdump), so the scan kernel's
+SASS can be read offline. For each variant this counts the instructions in the body of the i loop (the
+longest backward branch), the share that is the scan's own arithmetic (FMUL, FFMA, FMNMX: 3 per pair),
+the barriers and shared-memory traffic, and the registers and spill stack per thread.
+
+Variants:
+- `triton`: the production kernel (`solvers/swaps_triton.py`) at the tiles its autotuner chose on the H100.
+- `gluon`: a candidate written in Gluon (Triton's explicit-layout dialect) that loads each i's scale and
+  restore terms straight into the accumulator's row layout, so no layout conversion (shared memory plus
+  two barriers per vector per i) is needed. Not wired into the solver: it has not run on a GPU yet.
+
+    pip install triton==3.6.0        # the device's version; CPU-only machines can compile
+    python benchmarks/experiments/scan_sass.py --out benchmarks/results/scan_sass.json
+    python benchmarks/experiments/scan_sass.py --out scan_sass_h100.json --measure     # on the GPU
+
+The counts are static; `--measure` (CUDA) also times every variant on a 4096 x 4096 layer and checks that
+each gives the production kernel's output.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+
+from solvers import swaps_triton  # noqa: E402
+
+H100 = GPUTarget("cuda", 90, 32)
+SCAN_OPS = ("FMUL", "FFMA", "FMNMX")
+
+
+@gluon.jit
+def low_gluon(gram, weight, scale_t, restore_t, low, rows, d, rows_bucket,
+              BLOCK_R: gl.constexpr, BLOCK_J: gl.constexpr, UNROLL: gl.constexpr,
+              SPT_R: gl.constexpr, SPT_J: gl.constexpr, TPW_R: gl.constexpr, WARPS: gl.constexpr):  # pragma: no cover
+    """The production kernel's arithmetic with explicit layouts; needs d % UNROLL == 0."""
+    layout: gl.constexpr = gl.BlockedLayout([SPT_R, SPT_J], [TPW_R, 32 // TPW_R], [WARPS, 1], [1, 0])
+    row_layout: gl.constexpr = gl.SliceLayout(1, layout)
+    column_layout: gl.constexpr = gl.SliceLayout(0, layout)
+    r = gl.program_id(0) * BLOCK_R + gl.arange(0, BLOCK_R, layout=row_layout)
+    j = gl.program_id(1) * BLOCK_J + gl.arange(0, BLOCK_J, layout=column_layout)
+    r_ok = r < rows
+    j_ok = j < d
+    rj_ok = gl.expand_dims(r_ok, 1) & gl.expand_dims(j_ok, 0)
+    w = gl.load(weight + gl.expand_dims(r, 1) * d + gl.expand_dims(j, 0), mask=rj_ok, other=0.0)
+    acc = gl.full([BLOCK_R, BLOCK_J], float("inf"), gl.float32, layout=layout)
+    for start in range(0, d, UNROLL):
+        for step in gl.static_range(UNROLL):
+            i = start + step
+            g = gl.load(gram + i * d + j, mask=j_ok, other=0.0)
+            s = gl.load(scale_t + i * rows + r, mask=r_ok, other=0.0)
+            a = gl.load(restore_t + i * rows + r, mask=r_ok, other=float("inf"))
+            acc = gl.minimum(acc, (w * gl.expand_dims(g, 0)) * gl.expand_dims(s, 1) + gl.expand_dims(a, 1))
+    gl.store(low + gl.expand_dims(r, 1) * d + gl.expand_dims(j, 0), acc, mask=rj_ok)
+
+
+def signature(constexprs: dict) -> dict:
+    sig = {name: "*fp32" for name in ("gram", "weight", "scale_t", "restore_t", "low")}
+    sig.update({"rows": "i32", "d": "i32", "rows_bucket": "i32"})
+    sig.update({name: "constexpr" for name in constexprs})
+    return sig
+
+
+def compile_variant(kind: str, constexprs: dict, num_warps: int):
+    # The launcher specialises pointers and d (a multiple of 16 in every LLM layer) as 16-divisible.
+    attrs = {(k,): [["tt.divisibility", 16]] for k in range(7)}
+    source = (ASTSource(swaps_triton._low_kernel.fn, signature(constexprs), constexprs, attrs) if kind == "triton"
+              else GluonASTSource(low_gluon, signature(constexprs), constexprs, attrs))
+    return triton.compile(source, target=H100, options={"num_warps": num_warps, "num_stages": 1})
+
+
+def loop_body(sass: str) -> list[str]:
+    """Instructions of the longest loop: from a label to the furthest backward branch to it."""
+    lines = sass.splitlines()
+    labels = {line.strip().rstrip(":"): n for n, line in enumerate(lines) if re.fullmatch(r"\.?LBB\w*:", line.strip())}
+    loops = [(labels[m.group(1)], n) for n, line in enumerate(lines)
+             if (m := re.search(r"BRA (\.?LBB\w+)", line)) and labels.get(m.group(1), n) < n]
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    opcodes = []
+    for line in lines[start + 1:end + 1]:
+        fields = line.split("\t")
+        if len(fields) > 1 and fields[1].strip():
+            opcodes.append(re.sub(r"^@!?U?P\w+ ", "", fields[1].strip()).split(" ")[0].split(".")[0])
+    return opcodes
+
+
+def resources(cubin: bytes) -> dict:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    path = Path("/tmp/scan_sass.cubin")
+    path.write_bytes(cubin)
+    usage = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
+    return {key.lower(): int(value) for key, value in re.findall(r"(REG|STACK|SHARED):(\d+)", usage)}
+
+
+def analyse(kind: str, constexprs: dict, num_warps: int) -> dict:
+    kernel = compile_variant(kind, constexprs, num_warps)
+    ops = collections.Counter(loop_body(kernel.asm["sass"]))
+    scan = sum(ops[op] for op in SCAN_OPS)
+    total = sum(ops.values())
+    return {"kernel": kind, "config": {**constexprs, "num_warps": num_warps}, "loop_instructions": total,
+            "scan_instructions": scan, "scan_share": scan / total, "barriers": ops["BAR"],
+            "shared_loads": ops["LDS"], "shared_stores": ops["STS"] + ops["STSM"], "global_loads": ops["LDG"],
+            **resources(kernel.asm["cubin"]), "opcodes": dict(ops.most_common())}
+
+
+VARIANTS = [
+    ("triton", {"BLOCK_R": 128, "BLOCK_J": 64, "UNROLL": 4}, 4),     # tuned for 4096x4096 and 11008x4096
+    ("triton", {"BLOCK_R": 64, "BLOCK_J": 128, "UNROLL": 4}, 4),     # tuned for 4096x11008
+    ("gluon", {"BLOCK_R": 128, "BLOCK_J": 64, "UNROLL": 4, "SPT_R": 8, "SPT_J": 8, "TPW_R": 4, "WARPS": 4}, 4),
+    ("gluon", {"BLOCK_R": 128, "BLOCK_J": 64, "UNROLL": 4, "SPT_R": 4, "SPT_J": 8, "TPW_R": 8, "WARPS": 4}, 4),
+    ("gluon", {"BLOCK_R": 64, "BLOCK_J": 64, "UNROLL": 4, "SPT_R": 4, "SPT_J": 8, "TPW_R": 4, "WARPS": 4}, 4),
+]
+
+
+def measure(rows: list[dict], width: int = 4096) -> None:
+    """Time every variant on one width x width layer (half of each row pruned) and compare its output."""
+    import torch
+    from triton.testing import do_bench
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(width, width, device="cuda", generator=generator)
+    x = torch.randn(width, 2 * width, device="cuda", generator=generator)
+    gram = x @ x.T / (2 * width)
+    scale_t = (-2 * w).T.contiguous()
+    pruned = torch.rand(width, width, device="cuda", generator=generator) < 0.5
+    restore_t = torch.where(pruned, torch.randn(width, width, device="cuda", generator=generator), float("inf"))
+    reference = None
+    for row in rows:
+        constexprs = {k: v for k, v in row["config"].items() if k != "num_warps"}
+        kernel = swaps_triton._low_kernel.fn if row["kernel"] == "triton" else low_gluon
+        grid = (triton.cdiv(width, constexprs["BLOCK_R"]), triton.cdiv(width, constexprs["BLOCK_J"]))
+        low = torch.empty(width, width, device="cuda")
+
+        def launch():
+            kernel[grid](gram, w, scale_t, restore_t, low, width, width, width, **constexprs,
+                         num_warps=row["config"]["num_warps"], num_stages=1)
+
+        milliseconds = do_bench(launch)
+        reference = low.clone() if reference is None else reference
+        row.update(ms=milliseconds, pairs_per_s=width ** 3 / (milliseconds / 1e3),
+                   max_abs_difference=(low - reference).abs().max().item())
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| kernel | tile (rows x j, unroll, warps) | thread tile | loop instructions | scan share | "
+             "barriers | shared ld/st | global loads | registers | stack bytes |" + (" ms | T pairs/s | max diff |" if "ms" in rows[0] else ""),
+             "|---|---|---|" + "---:|" * (7 + 3 * ("ms" in rows[0]))]
+    for row in rows:
+        c = row["config"]
+        thread = f"{c['SPT_R']} x {c['SPT_J']}" if "SPT_R" in c else "compiler's"
+        lines.append(f"| {row['kernel']} | {c['BLOCK_R']} x {c['BLOCK_J']}, {c['UNROLL']}, {c['num_warps']} | {thread} | "
+                     f"{row['loop_instructions']} | {row['scan_share']:.0%} | {row['barriers']} | "
+                     f"{row['shared_loads']}/{row['shared_stores']} | {row['global_loads']} | {row['reg']} | {row['stack']} |"
+                     + (f" {row['ms']:.2f} | {row['pairs_per_s'] / 1e12:.2f} | {row['max_abs_difference']:.1e} |"
+                        if "ms" in row else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--measure", action="store_true", help="also time every variant on the GPU")
+    args = parser.parse_args()
+    if args.measure:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--measure times the kernels on a CUDA GPU and none is visible; drop it for the static counts")
+    rows = [analyse(kind, constexprs, warps) for kind, constexprs, warps in VARIANTS]
+    if args.measure:
+        measure(rows)
+    result = {"target": "sm_90 (H100)", "triton": triton.__version__, "variants": rows}
+    args.out.write_text(json.dumps(result, indent=1))
+    markdown = (f"# The scan's i loop in SASS (sm_90, Triton {triton.__version__}, compiled offline)\n\n"
+                "Per loop iteration (UNROLL values of i); the scan's own arithmetic is FMUL + FFMA + FMNMX, "
+                "3 per pair.\n\n" + table(rows))
+    args.out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
