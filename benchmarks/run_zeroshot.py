@@ -26,12 +26,12 @@ def plot(columns: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = [t for t in OFFICIAL_ITEMS if all(t in c for c in columns.values())]
-    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(tasks)), 3.8))
+    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(tasks)) + 1.8, 3.8))
     grouped_bars(axis, tasks, {name: [column[t]["acc"] for t in tasks] for name, column in columns.items()})
     axis.tick_params(axis="x", labelrotation=20)
     axis.set_ylabel("accuracy")
     axis.set_title("Zero-shot accuracy (full splits)")
-    axis.legend(fontsize=7, ncol=2)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))   # outside: bars fill the axes
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
