@@ -144,8 +144,8 @@ def main() -> None:
             if (method, target) in done:
                 continue
             warm, solver = METHODS[method]
-            config = PruneConfig(model=args.model, tokenizer=args.tokenizer, solver=solver, warm_start=warm, protocol=args.protocol,
-                                 **target_fields(target))
+            config = PruneConfig(model=args.model, tokenizer=args.tokenizer, solver=solver, warm_start=warm,
+                                 protocol=args.protocol, **target_fields(target))
             started = time.perf_counter()
             result = prune_model(config, dense_cache=dense_cache, checkpointing=False)
             result.update(method=method, target=target, wall_s=time.perf_counter() - started)
@@ -154,6 +154,7 @@ def main() -> None:
             ppl = {c: round(v["ppl"], 3) for c, v in result["perplexity"]["pruned"].items()}
             print(f"{method} {target}: {ppl} ({result['wall_s']:.0f} s)", flush=True)
     print(table(store["runs"]))
+
 
 if __name__ == "__main__":
     main()

@@ -72,9 +72,9 @@ def main() -> None:
             if name in store["runs"]:
                 continue
             warm, solver = METHODS[method]
-            config = PruneConfig(model=args.model, tokenizer=args.tokenizer, solver=solver, warm_start=warm, protocol=args.protocol,
-                                 device=args.device, eval=(), zero_shot=tuple(tasks), zero_shot_limit=args.limit,
-                                 **target_fields(target))
+            config = PruneConfig(model=args.model, tokenizer=args.tokenizer, solver=solver, warm_start=warm,
+                                 protocol=args.protocol, device=args.device, eval=(), zero_shot=tuple(tasks),
+                                 zero_shot_limit=args.limit, **target_fields(target))
             result = prune_model(config, checkpointing=False)
             store["runs"][name] = {"config": result["config"], "summary": result["summary"],
                                    "zero_shot": result["zero_shot"]}

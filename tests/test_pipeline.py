@@ -98,7 +98,8 @@ def test_model_without_linear_layers(tmp_path, capsys, monkeypatch):
         for module in block.modules():
             if type(module) is torch.nn.Linear:
                 module.__class__ = Packed
-    monkeypatch.setattr("sparseswaps.pipeline.load_model", lambda spec, dtype, tokenizer: (model, tiny_tokenizer(), {}))
+    monkeypatch.setattr("sparseswaps.pipeline.load_model",
+                        lambda spec, dtype, tokenizer: (model, tiny_tokenizer(), {}))
     code, err = run_cli(["prune", "--model", "x", "--nsamples", "2"], capsys)
     assert code == 2 and "contain no nn.Linear layers" in err
 

@@ -26,6 +26,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -99,10 +100,13 @@ def loop_body(sass: str) -> list[str]:
 
 
 def resources(cubin: bytes) -> dict:
+    """Registers, stack and shared memory per thread/block, from cuobjdump (bundled with Triton)."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    path = Path("/tmp/scan_sass.cubin")
-    path.write_bytes(cubin)
-    usage = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", file.name], capture_output=True,
+                               text=True, check=True).stdout
     return {key.lower(): int(value) for key, value in re.findall(r"(REG|STACK|SHARED):(\d+)", usage)}
 
 
@@ -155,18 +159,29 @@ def measure(rows: list[dict], width: int = 4096) -> None:
                    max_abs_difference=(low - reference).abs().max().item())
 
 
+COLUMNS = {
+    "kernel": lambda row: row["kernel"],
+    "tile (rows x j, unroll, warps)": lambda row: "{BLOCK_R} x {BLOCK_J}, {UNROLL}, {num_warps}".format(**row["config"]),
+    "thread tile": lambda row: "{SPT_R} x {SPT_J}".format(**row["config"]) if "SPT_R" in row["config"] else "compiler's",
+    "loop instructions": lambda row: row["loop_instructions"],
+    "scan share": lambda row: f"{row['scan_share']:.0%}",
+    "barriers": lambda row: row["barriers"],
+    "shared ld/st": lambda row: f"{row['shared_loads']}/{row['shared_stores']}",
+    "global loads": lambda row: row["global_loads"],
+    "registers": lambda row: row["reg"],
+    "stack bytes": lambda row: row["stack"],
+}
+MEASURED = {
+    "ms": lambda row: f"{row['ms']:.2f}",
+    "T pairs/s": lambda row: f"{row['pairs_per_s'] / 1e12:.2f}",
+    "max diff": lambda row: f"{row['max_abs_difference']:.1e}",
+}
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| kernel | tile (rows x j, unroll, warps) | thread tile | loop instructions | scan share | "
-             "barriers | shared ld/st | global loads | registers | stack bytes |" + (" ms | T pairs/s | max diff |" if "ms" in rows[0] else ""),
-             "|---|---|---|" + "---:|" * (7 + 3 * ("ms" in rows[0]))]
-    for row in rows:
-        c = row["config"]
-        thread = f"{c['SPT_R']} x {c['SPT_J']}" if "SPT_R" in c else "compiler's"
-        lines.append(f"| {row['kernel']} | {c['BLOCK_R']} x {c['BLOCK_J']}, {c['UNROLL']}, {c['num_warps']} | {thread} | "
-                     f"{row['loop_instructions']} | {row['scan_share']:.0%} | {row['barriers']} | "
-                     f"{row['shared_loads']}/{row['shared_stores']} | {row['global_loads']} | {row['reg']} | {row['stack']} |"
-                     + (f" {row['ms']:.2f} | {row['pairs_per_s'] / 1e12:.2f} | {row['max_abs_difference']:.1e} |"
-                        if "ms" in row else ""))
+    columns = {**COLUMNS, **(MEASURED if "ms" in rows[0] else {})}
+    lines = ["| " + " | ".join(columns) + " |", "|---|---|---|" + "---:|" * (len(columns) - 3)]
+    lines += ["| " + " | ".join(str(cell(row)) for cell in columns.values()) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
