@@ -27,6 +27,22 @@ def target_fields(target: str) -> dict:
     return {"pattern": target, "sparsity": None} if ":" in target else {"sparsity": float(target), "pattern": None}
 
 
+def ordered_methods(runs: list[dict]) -> list[str]:
+    """The methods present, in METHODS' order (the baselines first, SparseSwaps last), others after them."""
+    present = dict.fromkeys(r["method"] for r in runs)
+    return sorted(present, key=lambda m: list(METHODS).index(m) if m in METHODS else len(METHODS))
+
+
+def grouped_notes(runs: list[dict]) -> list[str]:
+    """One markdown bullet per distinct note, naming the runs it applies to ("every run" when all)."""
+    holders: dict[str, list[str]] = {}
+    for run in runs:
+        if run.get("note"):
+            holders.setdefault(run["note"], []).append(f"{run['method']} {run['target']}")
+    return [f"- {'every run' if len(names) == len(runs) else ', '.join(names)}: {note}"
+            for note, names in holders.items()]
+
+
 def table(runs: list[dict]) -> str:
     """Markdown: perplexity per method and target, and SparseSwaps' mean per-layer error reduction."""
     first = runs[0]
@@ -38,13 +54,13 @@ def table(runs: list[dict]) -> str:
              ", ".join(f"{c} {first['perplexity']['dense'][c]['ppl']:.2f}" for c in corpora), "",
              "| method | " + " | ".join(f"{t} {c}" for t in targets for c in corpora) + " |",
              "|---|" + "---:|" * (len(targets) * len(corpora))]
-    for method in dict.fromkeys(r["method"] for r in runs):
+    for method in ordered_methods(runs):
         cells = []
         for target in targets:
             run = next((r for r in runs if r["method"] == method and r["target"] == target), None)
             cells += [f"{run['perplexity']['pruned'][c]['ppl']:.2f}" if run else "-" for c in corpora]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    swaps = [r for r in runs if r["method"] == "wanda+swaps"]
+    swaps = sorted((r for r in runs if r["method"] == "wanda+swaps"), key=lambda r: targets.index(r["target"]))
     if swaps:
         lines += ["", "Wanda + SparseSwaps, per-layer reconstruction error relative to Wanda's:", "",
                   "| target | mean reduction | median | layers | swaps | refinement s |", "|---|---:|---:|---:|---:|---:|"]
@@ -53,7 +69,7 @@ def table(runs: list[dict]) -> str:
             lines.append(f"| {run['target']} | {run['summary']['mean_reduction']:.1%} | "
                          f"{reductions[len(reductions) // 2]:.1%} | {len(reductions)} | {run['summary']['total_swaps']} | "
                          f"{sum(layer['time_s'] for layer in run['layers']):.1f} |")
-    notes = [f"- {r['method']} {r['target']}: {r['note']}" for r in runs if r.get("note")]
+    notes = grouped_notes(runs)
     if notes:
         lines += ["", "Notes:", ""] + notes
     return "\n".join(lines) + "\n"
@@ -75,7 +91,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
     corpora = list(runs[0]["perplexity"]["dense"])
     targets = list(dict.fromkeys(r["target"] for r in runs))
-    methods = list(dict.fromkeys(r["method"] for r in runs))
+    methods = ordered_methods(runs)
     figure, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 4), squeeze=False)
     for axis, corpus in zip(axes[0], corpora):
         grouped_bars(axis, targets, {
