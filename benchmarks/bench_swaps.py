@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparseswaps import MaskProblem, mask_from_scores  # noqa: E402
 from sparseswaps.pipeline import environment  # noqa: E402
 from solvers.swaps import pairs_per_row, refine, scan_nm  # noqa: E402
-from solvers.swaps_triton import scan_per_row_triton, tuned_config  # noqa: E402
+from solvers.swaps_triton import GLUON, scan_per_row_triton, tuned_config  # noqa: E402
 
 SHAPES = {"7B": [(4096, 4096), (11008, 4096), (4096, 11008)],
           "70B": [(8192, 8192), (28672, 8192), (8192, 28672)]}
@@ -93,6 +93,7 @@ def bench_layer(rows, d, spec, iterations, seed=0) -> dict:
     torch.cuda.synchronize()
     refine_seconds = time.perf_counter() - started
     return {"rows": rows, "d": d, "pattern": str(problem.pattern), "scan_ms": scan_seconds * 1e3,
+            "kernel": None if "pattern" in spec else "gluon" if GLUON else "triton",
             "kernel_config": tuned_config() if "pattern" not in spec else None,
             "evaluated_pairs_per_s": evaluated / scan_seconds, "useful_pairs_per_s": useful / scan_seconds,
             "iterations": solution.extra["iterations"], "refine_s": refine_seconds,
@@ -100,10 +101,10 @@ def bench_layer(rows, d, spec, iterations, seed=0) -> dict:
             "swaps": solution.extra["swaps_total"], "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
 
 
-def bench_7b_model(iterations: int, blocks: int, log) -> dict:
+def bench_7b_model(iterations: int, blocks: int, report_block) -> dict:
     """The linear layers of `blocks` blocks of a LLaMA-2-7B-shaped model (32 blocks, 224 layers in all),
     `iterations` each, Wanda warm start. q/k/v share one G (one input), gate/up share one; o and down have
-    their own, as in the real model."""
+    their own, as in the real model. `report_block` gets the totals so far after every block."""
     per_block = [("q", 4096, 4096, "qkv"), ("k", 4096, 4096, "qkv"), ("v", 4096, 4096, "qkv"),
                  ("o", 4096, 4096, "o"), ("gate", 11008, 4096, "mlp"), ("up", 11008, 4096, "mlp"),
                  ("down", 4096, 11008, "down")]
@@ -123,9 +124,10 @@ def bench_7b_model(iterations: int, blocks: int, log) -> dict:
             total += time.perf_counter() - started
             swaps += solution.extra["swaps_total"]
             layers += 1
-        log(f"7B-shaped refinement: block {block + 1}/{blocks}, {total:.1f} s of refinement so far")
-    return {"blocks": blocks, "layers": layers, "iterations": iterations, "sparsity": 0.5, "refine_s": total,
-            "swaps": swaps, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+        totals = {"blocks": block + 1, "layers": layers, "iterations": iterations, "sparsity": 0.5,
+                  "refine_s": total, "swaps": swaps, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+        report_block(totals)
+    return totals
 
 
 def markdown(report: dict) -> str:
@@ -135,14 +137,15 @@ def markdown(report: dict) -> str:
              f"{INSTRUCTIONS_PER_PAIR} per evaluated pair, so the floor is {floor / 1e12:.2f} T pairs/s.", "",
              "The kernel evaluates the full d x d square per row so that rows share G; only p*k of those pairs "
              "(pruned i, kept j) are useful, a quarter at 50%. Both shares of the floor are given.", "",
-             "| layer | pattern | scan ms | evaluated pairs/s | share of floor | useful pairs/s | useful share | "
+             "| layer | pattern | kernel | scan ms | evaluated pairs/s | share of floor | useful pairs/s | useful share | "
              "s / iteration | swaps | peak GiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in report["layers"]:
         per_row = "keep" in row["pattern"]
         share = f"{row['evaluated_pairs_per_s'] / floor:.0%}" if per_row else "n/a (torch N:M)"
         useful_share = f"{row['useful_pairs_per_s'] / floor:.1%}" if per_row else "n/a"
-        lines.append(f"| {row['model']} {row['rows']}x{row['d']} | {row['pattern']} | {row['scan_ms']:.2f} | "
+        lines.append(f"| {row['model']} {row['rows']}x{row['d']} | {row['pattern']} | {row.get('kernel', 'triton' if per_row else None) or 'torch'} | "
+                     f"{row['scan_ms']:.2f} | "
                      f"{row['evaluated_pairs_per_s'] / 1e12:.2f} T | {share} | {row['useful_pairs_per_s'] / 1e12:.2f} T | "
                      f"{useful_share} | {row['s_per_iteration']:.3f} | {row['swaps']} | {row['peak_memory_gib']:.1f} |")
     if report.get("model_7b"):
@@ -159,7 +162,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--models", default="7B,70B")
+    parser.add_argument("--models", default="7B,70B", help="layer shapes to time (empty: none, e.g. with --model-7b)")
     parser.add_argument("--iterations", type=int, default=5, help="refinement iterations timed per layer")
     parser.add_argument("--model-7b", action="store_true", help="also refine a whole 7B-shaped model")
     parser.add_argument("--model-7b-iterations", type=int, default=100)
@@ -171,7 +174,10 @@ def main() -> None:
     report = {"environment": environment(), "fp32_instructions_per_s": rate,
               "instructions_per_pair": INSTRUCTIONS_PER_PAIR, "floor_pairs_per_s": rate / INSTRUCTIONS_PER_PAIR,
               "iterations_timed": args.iterations, "layers": []}
-    for model in args.models.split(","):
+    models = list(filter(None, args.models.split(",")))
+    if set(models) - set(SHAPES):
+        parser.error(f"--models takes {', '.join(SHAPES)} (comma-separated), got {args.models!r}")
+    for model in models:
         for rows, d in SHAPES[model]:
             for spec in PATTERNS:
                 row = {"model": model, **bench_layer(rows, d, spec, args.iterations)}
@@ -179,8 +185,13 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 (args.out / "bench_swaps.json").write_text(json.dumps(report, indent=2))
     if args.model_7b:
-        report["model_7b"] = bench_7b_model(args.model_7b_iterations, args.model_7b_blocks,
-                                            lambda line: print(line, flush=True))
+        def save_block(totals: dict) -> None:   # a run cut short still leaves its finished blocks
+            report["model_7b"] = totals
+            (args.out / "bench_swaps.json").write_text(json.dumps(report, indent=2))
+            print(f"7B-shaped refinement: block {totals['blocks']}/{args.model_7b_blocks}, "
+                  f"{totals['refine_s']:.1f} s of refinement so far", flush=True)
+
+        bench_7b_model(args.model_7b_iterations, args.model_7b_blocks, save_block)
     (args.out / "bench_swaps.json").write_text(json.dumps(report, indent=2))
     (args.out / "bench_swaps.md").write_text(markdown(report))
     print(markdown(report))

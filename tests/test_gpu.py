@@ -19,15 +19,17 @@ def random_state(rows, d, keep, seed):
     return w, mask, (w * ~mask) @ gram, gram
 
 
-@pytest.mark.parametrize("rows, d, keep", [(7, 64, 32), (33, 200, 80), (128, 576, 288), (5, 1000, 700)])
-def test_triton_scan_matches_the_reference(rows, d, keep):
+@pytest.mark.parametrize("kernel", ["gluon", "triton"])
+@pytest.mark.parametrize("rows, d, keep", [(7, 64, 32), (33, 200, 80), (128, 576, 288), (5, 1000, 700),
+                                           (9, 130, 65)])   # 130: a width the unrolled i loop does not divide
+def test_triton_scan_matches_the_reference(rows, d, keep, kernel):
     from solvers.swaps import scan_per_row
     from solvers.swaps_triton import scan_per_row_triton
 
     for seed in range(3):
         w, mask, c, gram = random_state(rows, d, keep, seed)
         ref_best, ref_i, ref_j = scan_per_row(w, mask, c, gram, PerRow(keep))
-        best, i, j = scan_per_row_triton(w, mask, c, gram, PerRow(keep))
+        best, i, j = scan_per_row_triton(w, mask, c, gram, PerRow(keep), kernel=kernel)
         assert (~mask.gather(1, i[:, None])).all() and mask.gather(1, j[:, None]).all()
         torch.testing.assert_close(best, ref_best, rtol=1e-5, atol=1e-5 * ref_best.abs().max().item())
         assert (i == ref_i).float().mean() > 0.95 and (j == ref_j).float().mean() > 0.95

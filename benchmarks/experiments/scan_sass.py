@@ -7,9 +7,10 @@ the barriers and shared-memory traffic, and the registers and spill stack per th
 
 Variants:
 - `triton`: the production kernel (`solvers/swaps_triton.py`) at the tiles its autotuner chose on the H100.
-- `gluon`: a candidate written in Gluon (Triton's explicit-layout dialect) that loads each i's scale and
-  restore terms straight into the accumulator's row layout, so no layout conversion (shared memory plus
-  two barriers per vector per i) is needed. Not wired into the solver: it has not run on a GPU yet.
+- `gluon`: the Gluon kernel (`_low_kernel_gluon`, Triton's explicit-layout dialect), which loads each i's
+  scale and restore terms straight into the accumulator's row layout, so no layout conversion (shared
+  memory plus two barriers per vector per i) is needed. It became the production kernel after
+  `--measure` timed it on the H100 (`benchmarks/results/scan_sass_h100.md`).
 
     pip install triton==3.6.0        # the device's version; CPU-only machines can compile
     python benchmarks/experiments/scan_sass.py --out benchmarks/results/scan_sass.json
@@ -34,39 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-from triton.experimental import gluon  # noqa: E402
-from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
 from solvers import swaps_triton  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 SCAN_OPS = ("FMUL", "FFMA", "FMNMX")
-
-
-@gluon.jit
-def low_gluon(gram, weight, scale_t, restore_t, low, rows, d, rows_bucket,
-              BLOCK_R: gl.constexpr, BLOCK_J: gl.constexpr, UNROLL: gl.constexpr,
-              SPT_R: gl.constexpr, SPT_J: gl.constexpr, TPW_R: gl.constexpr, WARPS: gl.constexpr):  # pragma: no cover
-    """The production kernel's arithmetic with explicit layouts; needs d % UNROLL == 0."""
-    layout: gl.constexpr = gl.BlockedLayout([SPT_R, SPT_J], [TPW_R, 32 // TPW_R], [WARPS, 1], [1, 0])
-    row_layout: gl.constexpr = gl.SliceLayout(1, layout)
-    column_layout: gl.constexpr = gl.SliceLayout(0, layout)
-    r = gl.program_id(0) * BLOCK_R + gl.arange(0, BLOCK_R, layout=row_layout)
-    j = gl.program_id(1) * BLOCK_J + gl.arange(0, BLOCK_J, layout=column_layout)
-    r_ok = r < rows
-    j_ok = j < d
-    rj_ok = gl.expand_dims(r_ok, 1) & gl.expand_dims(j_ok, 0)
-    w = gl.load(weight + gl.expand_dims(r, 1) * d + gl.expand_dims(j, 0), mask=rj_ok, other=0.0)
-    acc = gl.full([BLOCK_R, BLOCK_J], float("inf"), gl.float32, layout=layout)
-    for start in range(0, d, UNROLL):
-        for step in gl.static_range(UNROLL):
-            i = start + step
-            g = gl.load(gram + i * d + j, mask=j_ok, other=0.0)
-            s = gl.load(scale_t + i * rows + r, mask=r_ok, other=0.0)
-            a = gl.load(restore_t + i * rows + r, mask=r_ok, other=float("inf"))
-            acc = gl.minimum(acc, (w * gl.expand_dims(g, 0)) * gl.expand_dims(s, 1) + gl.expand_dims(a, 1))
-    gl.store(low + gl.expand_dims(r, 1) * d + gl.expand_dims(j, 0), acc, mask=rj_ok)
 
 
 def signature(constexprs: dict) -> dict:
@@ -80,7 +54,7 @@ def compile_variant(kind: str, constexprs: dict, num_warps: int):
     # The launcher specialises pointers and d (a multiple of 16 in every LLM layer) as 16-divisible.
     attrs = {(k,): [["tt.divisibility", 16]] for k in range(7)}
     source = (ASTSource(swaps_triton._low_kernel.fn, signature(constexprs), constexprs, attrs) if kind == "triton"
-              else GluonASTSource(low_gluon, signature(constexprs), constexprs, attrs))
+              else GluonASTSource(swaps_triton._low_kernel_gluon.fn, signature(constexprs), constexprs, attrs))
     return triton.compile(source, target=H100, options={"num_warps": num_warps, "num_stages": 1})
 
 
@@ -124,10 +98,7 @@ def analyse(kind: str, constexprs: dict, num_warps: int) -> dict:
 VARIANTS = [
     ("triton", {"BLOCK_R": 128, "BLOCK_J": 64, "UNROLL": 4}, 4),     # tuned for 4096x4096 and 11008x4096
     ("triton", {"BLOCK_R": 64, "BLOCK_J": 128, "UNROLL": 4}, 4),     # tuned for 4096x11008
-    ("gluon", {"BLOCK_R": 128, "BLOCK_J": 64, "UNROLL": 4, "SPT_R": 8, "SPT_J": 8, "TPW_R": 4, "WARPS": 4}, 4),
-    ("gluon", {"BLOCK_R": 128, "BLOCK_J": 64, "UNROLL": 4, "SPT_R": 4, "SPT_J": 8, "TPW_R": 8, "WARPS": 4}, 4),
-    ("gluon", {"BLOCK_R": 64, "BLOCK_J": 64, "UNROLL": 4, "SPT_R": 4, "SPT_J": 8, "TPW_R": 4, "WARPS": 4}, 4),
-]
+] + [("gluon", config.kwargs, config.num_warps) for config in swaps_triton.GLUON_CONFIGS]
 
 
 def measure(rows: list[dict], width: int = 4096) -> None:
@@ -145,7 +116,7 @@ def measure(rows: list[dict], width: int = 4096) -> None:
     reference = None
     for row in rows:
         constexprs = {k: v for k, v in row["config"].items() if k != "num_warps"}
-        kernel = swaps_triton._low_kernel.fn if row["kernel"] == "triton" else low_gluon
+        kernel = (swaps_triton._low_kernel if row["kernel"] == "triton" else swaps_triton._low_kernel_gluon).fn
         grid = (triton.cdiv(width, constexprs["BLOCK_R"]), triton.cdiv(width, constexprs["BLOCK_J"]))
         low = torch.empty(width, width, device="cuda")
 
