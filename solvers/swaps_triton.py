@@ -12,12 +12,12 @@ Exact ties go to the smallest j, then the smallest i. The driver re-checks every
 
 Two implementations of the same arithmetic: `_low_kernel_gluon` (Gluon, Triton's explicit-layout dialect)
 loads each i's row terms straight into the accumulator's row layout, so its loop has no layout
-conversions (no shared memory, no barriers); on the H100 it runs 4096 x 4096 in 11.1 ms against 16.7 ms
+conversions (no shared memory, no barriers); on the H100 it runs 4096 x 4096 in 10.9 ms against 16.5 ms
 for the plain Triton `_low_kernel` (benchmarks/results/scan_sass_h100.md). The Triton kernel stays as the
 fallback for Triton builds without Gluon, an experimental API.
 
 A first version tiled [rows, i, j] and reduced over j inside every tile: 1.0 T pairs/s on an H100, 10%
-of the fp32 floor (benchmarks/results/bench_swaps.md keeps both measurements).
+of the fp32 floor (benchmarks/results/bench_swaps_v1_3dtile.json).
 """
 from __future__ import annotations
 
