@@ -50,12 +50,13 @@ def signature(constexprs: dict) -> dict:
     return sig
 
 
-def compile_variant(kind: str, constexprs: dict, num_warps: int):
+def compile_variant(kind: str, constexprs: dict, num_warps: int, maxnreg: int | None):
     # The launcher specialises pointers and d (a multiple of 16 in every LLM layer) as 16-divisible.
     attrs = {(k,): [["tt.divisibility", 16]] for k in range(7)}
     source = (ASTSource(swaps_triton._low_kernel.fn, signature(constexprs), constexprs, attrs) if kind == "triton"
               else GluonASTSource(swaps_triton._low_kernel_gluon.fn, signature(constexprs), constexprs, attrs))
-    return triton.compile(source, target=H100, options={"num_warps": num_warps, "num_stages": 1})
+    options = {"num_warps": num_warps, "num_stages": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(source, target=H100, options=options)
 
 
 def loop_body(sass: str) -> list[str]:
@@ -84,21 +85,22 @@ def resources(cubin: bytes) -> dict:
     return {key.lower(): int(value) for key, value in re.findall(r"(REG|STACK|SHARED):(\d+)", usage)}
 
 
-def analyse(kind: str, constexprs: dict, num_warps: int) -> dict:
-    kernel = compile_variant(kind, constexprs, num_warps)
+def analyse(kind: str, constexprs: dict, num_warps: int, maxnreg: int | None) -> dict:
+    kernel = compile_variant(kind, constexprs, num_warps, maxnreg)
     ops = collections.Counter(loop_body(kernel.asm["sass"]))
     scan = sum(ops[op] for op in SCAN_OPS)
     total = sum(ops.values())
-    return {"kernel": kind, "config": {**constexprs, "num_warps": num_warps}, "loop_instructions": total,
+    return {"kernel": kind, "config": {**constexprs, "num_warps": num_warps, "maxnreg": maxnreg},
+            "loop_instructions": total,
             "scan_instructions": scan, "scan_share": scan / total, "barriers": ops["BAR"],
             "shared_loads": ops["LDS"], "shared_stores": ops["STS"] + ops["STSM"], "global_loads": ops["LDG"],
             **resources(kernel.asm["cubin"]), "opcodes": dict(ops.most_common())}
 
 
 VARIANTS = [
-    ("triton", {"BLOCK_R": 128, "BLOCK_J": 64, "UNROLL": 4}, 4),     # tuned for 4096x4096 and 11008x4096
-    ("triton", {"BLOCK_R": 64, "BLOCK_J": 128, "UNROLL": 4}, 4),     # tuned for 4096x11008
-] + [("gluon", config.kwargs, config.num_warps) for config in swaps_triton.GLUON_CONFIGS]
+    ("triton", {"BLOCK_R": 128, "BLOCK_J": 64, "UNROLL": 4}, 4, None),     # tuned for 4096x4096 and 11008x4096
+    ("triton", {"BLOCK_R": 64, "BLOCK_J": 128, "UNROLL": 4}, 4, None),     # tuned for 4096x11008
+] + [("gluon", config.kwargs, config.num_warps, config.maxnreg) for config in swaps_triton.GLUON_CONFIGS]
 
 
 def measure(rows: list[dict], width: int = 4096) -> None:
@@ -115,14 +117,15 @@ def measure(rows: list[dict], width: int = 4096) -> None:
     restore_t = torch.where(pruned, torch.randn(width, width, device="cuda", generator=generator), float("inf"))
     reference = None
     for row in rows:
-        constexprs = {k: v for k, v in row["config"].items() if k != "num_warps"}
+        constexprs = {k: v for k, v in row["config"].items() if k not in ("num_warps", "maxnreg")}
+        launch_options = {"num_warps": row["config"]["num_warps"], "num_stages": 1,
+                          **({"maxnreg": row["config"]["maxnreg"]} if row["config"]["maxnreg"] else {})}
         kernel = (swaps_triton._low_kernel if row["kernel"] == "triton" else swaps_triton._low_kernel_gluon).fn
         grid = (triton.cdiv(width, constexprs["BLOCK_R"]), triton.cdiv(width, constexprs["BLOCK_J"]))
         low = torch.empty(width, width, device="cuda")
 
         def launch():
-            kernel[grid](gram, w, scale_t, restore_t, low, width, width, width, **constexprs,
-                         num_warps=row["config"]["num_warps"], num_stages=1)
+            kernel[grid](gram, w, scale_t, restore_t, low, width, width, width, **constexprs, **launch_options)
 
         milliseconds = do_bench(launch)
         reference = low.clone() if reference is None else reference
@@ -132,7 +135,8 @@ def measure(rows: list[dict], width: int = 4096) -> None:
 
 COLUMNS = {
     "kernel": lambda row: row["kernel"],
-    "tile (rows x j, unroll, warps)": lambda row: "{BLOCK_R} x {BLOCK_J}, {UNROLL}, {num_warps}".format(**row["config"]),
+    "tile (rows x j, unroll, warps)": lambda row: "{BLOCK_R} x {BLOCK_J}, {UNROLL}, {num_warps}".format(**row["config"])
+    + (f", max {row['config']['maxnreg']} registers" if row["config"].get("maxnreg") else ""),
     "thread tile": lambda row: "{SPT_R} x {SPT_J}".format(**row["config"]) if "SPT_R" in row["config"] else "compiler's",
     "loop instructions": lambda row: row["loop_instructions"],
     "scan share": lambda row: f"{row['scan_share']:.0%}",
@@ -166,7 +170,7 @@ def main() -> None:
 
         if not torch.cuda.is_available():
             parser.error("--measure times the kernels on a CUDA GPU and none is visible; drop it for the static counts")
-    rows = [analyse(kind, constexprs, warps) for kind, constexprs, warps in VARIANTS]
+    rows = [analyse(*variant) for variant in VARIANTS]
     if args.measure:
         measure(rows)
     result = {"target": "sm_90 (H100)", "triton": triton.__version__, "variants": rows}
