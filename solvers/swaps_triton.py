@@ -12,7 +12,7 @@ Exact ties go to the smallest j, then the smallest i. The driver re-checks every
 
 Two implementations of the same arithmetic: `_low_kernel_gluon` (Gluon, Triton's explicit-layout dialect)
 loads each i's row terms straight into the accumulator's row layout, so its loop has no layout
-conversions (no shared memory, no barriers); on the H100 it runs 4096 x 4096 in 10.9 ms against 16.5 ms
+conversions (no shared memory, no barriers); on the H100 it runs 4096 x 4096 in 11.0 ms against 16.6 ms
 for the plain Triton `_low_kernel` (benchmarks/results/scan_sass_h100.md). The Triton kernel stays as the
 fallback for Triton builds without Gluon, an experimental API.
 
@@ -74,12 +74,11 @@ if GLUON:
                              num_warps=warps, num_stages=1, maxnreg=maxnreg)
 
     # 128 x 64 with 4 x 8 values per thread won on the H100 at 4096 x 4096; the smaller tiles give
-    # narrow layers enough programs to fill the GPU. Larger thread tiles spill (255 registers). Unrolled
-    # by 2 and capped at 168 registers (no spills in the loop), three blocks instead of two fit on an SM.
+    # narrow layers enough programs to fill the GPU. Larger thread tiles spill (255 registers); more
+    # blocks per SM through fewer registers lost (benchmarks/experiments/scan_sass.py's EXPLORED).
     GLUON_CONFIGS = [_gluon_config(128, 64, 4, 8, 8, 4), _gluon_config(128, 64, 8, 8, 4, 4),
                      _gluon_config(64, 128, 4, 8, 4, 4), _gluon_config(64, 64, 4, 8, 4, 4),
-                     _gluon_config(32, 64, 2, 8, 4, 4), _gluon_config(128, 64, 4, 8, 8, 4, unroll=2),
-                     _gluon_config(128, 64, 4, 8, 8, 4, unroll=2, maxnreg=168), _gluon_config(128, 64, 2, 8, 8, 8)]
+                     _gluon_config(32, 64, 2, 8, 4, 4)]
 
     @triton.autotune(configs=GLUON_CONFIGS, key=["d", "rows_bucket"])
     @gluon.jit
