@@ -137,15 +137,15 @@ def markdown(report: dict) -> str:
              f"{INSTRUCTIONS_PER_PAIR} per evaluated pair, so the floor is {floor / 1e12:.2f} T pairs/s.", "",
              "The kernel evaluates the full d x d square per row so that rows share G; only p*k of those pairs "
              "(pruned i, kept j) are useful, a quarter at 50%. Both shares of the floor are given.", "",
-             "| layer | pattern | kernel | scan ms | evaluated pairs/s | share of floor | useful pairs/s | useful share | "
-             "s / iteration | swaps | peak GiB |",
+             "| layer | pattern | kernel | scan ms | evaluated pairs/s | share of floor | useful pairs/s | "
+             "useful share | s / iteration | swaps | peak GiB |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in report["layers"]:
         per_row = "keep" in row["pattern"]
         share = f"{row['evaluated_pairs_per_s'] / floor:.0%}" if per_row else "n/a (torch N:M)"
         useful_share = f"{row['useful_pairs_per_s'] / floor:.1%}" if per_row else "n/a"
-        lines.append(f"| {row['model']} {row['rows']}x{row['d']} | {row['pattern']} | {row.get('kernel', 'triton' if per_row else None) or 'torch'} | "
-                     f"{row['scan_ms']:.2f} | "
+        kernel = row.get("kernel", "triton" if per_row else None) or "torch"   # older runs did not record it
+        lines.append(f"| {row['model']} {row['rows']}x{row['d']} | {row['pattern']} | {kernel} | {row['scan_ms']:.2f} | "
                      f"{row['evaluated_pairs_per_s'] / 1e12:.2f} T | {share} | {row['useful_pairs_per_s'] / 1e12:.2f} T | "
                      f"{useful_share} | {row['s_per_iteration']:.3f} | {row['swaps']} | {row['peak_memory_gib']:.1f} |")
     if report.get("model_7b"):

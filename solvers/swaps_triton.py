@@ -135,7 +135,8 @@ def _choose_kernel(kernel: str):
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     if kernel == "gluon" and not GLUON:
-        raise ValueError(f"kernel 'gluon' needs a Triton with Gluon (3.5 or later); this one is {triton.__version__}")
+        raise ValueError(f"kernel 'gluon' needs a Triton with triton.experimental.gluon; this one "
+                         f"({triton.__version__}) has none: use kernel='triton' or upgrade Triton")
     return _low_kernel_gluon if kernel == "gluon" or (kernel == "auto" and GLUON) else _low_kernel
 
 

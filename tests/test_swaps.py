@@ -75,6 +75,14 @@ def test_bad_options_are_rejected():
         ss.solve(problem, "swaps", max_iters=-1)
 
 
+def test_unknown_gpu_kernel_is_rejected():
+    from solvers.swaps_triton import scan_per_row_triton
+
+    w = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="kernel must be one of auto, gluon, triton"):
+        scan_per_row_triton(w, w > 0, w, torch.eye(8), None, kernel="cuda")
+
+
 def test_wide_rows_stay_feasible():
     """Regression: index keys built in int8 overflowed from d = 128 on."""
     problem, _ = make_problem("outliers", rows=3, d=160, seed=8, sparsity=0.5)
