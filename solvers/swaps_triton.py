@@ -10,11 +10,13 @@ best_r = min_j (low[r, j] + b_rj) over kept j gives j, and i is recovered from c
 The kernel covers the full d x d square so rows can share G; the share of useful pairs is p*k/d².
 Exact ties go to the smallest j, then the smallest i. The driver re-checks every chosen swap in float64.
 
-Two implementations of the same arithmetic: `_low_kernel_gluon` (Gluon, Triton's explicit-layout dialect)
-loads each i's row terms straight into the accumulator's row layout, so its loop has no layout
-conversions (no shared memory, no barriers); on the H100 it runs 4096 x 4096 in 11.0 ms against 16.6 ms
-for the plain Triton `_low_kernel` (benchmarks/results/scan_sass_h100.md). The Triton kernel stays as the
-fallback for Triton builds without Gluon, an experimental API.
+Two implementations of the same arithmetic. `_low_kernel_gluon` (Gluon, Triton's explicit-layout
+dialect) copies chunks of i (G's rows and the rows' terms) into shared memory with asynchronous copies
+(cp.async), several chunks ahead, and reads each i's values there straight in the accumulator's layout:
+no layout conversions, two barriers per chunk. On the H100 it runs 4096 x 4096 in 8.6 ms against 16.6 ms
+for the plain Triton `_low_kernel` and 11.0 ms for a Gluon kernel loading from global memory into
+registers (benchmarks/results/scan_sass_h100.md). The Triton kernel stays as the fallback for Triton
+builds without Gluon, an experimental API.
 
 A first version tiled [rows, i, j] and reduced over j inside every tile: 1.0 T pairs/s on an H100, 10%
 of the fp32 floor (benchmarks/results/bench_swaps_v1_3dtile.json).
@@ -66,43 +68,79 @@ if AVAILABLE:
 if GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
-    def _gluon_config(block_r, block_j, per_thread_r, per_thread_j, threads_r, warps, unroll=4, maxnreg=None):
-        """A tile and the blocked layout that spreads it over `warps` warps of 32 threads."""
-        return triton.Config({"BLOCK_R": block_r, "BLOCK_J": block_j, "UNROLL": unroll, "SPT_R": per_thread_r,
-                              "SPT_J": per_thread_j, "TPW_R": threads_r, "WARPS": warps},
-                             num_warps=warps, num_stages=1, maxnreg=maxnreg)
+    def _gluon_config(block_r, block_j, per_thread_r, per_thread_j, threads_r, chunk, stages):
+        """A tile, the blocked layout that spreads it over 4 warps, and the shared-memory pipeline."""
+        return triton.Config({"BLOCK_R": block_r, "BLOCK_J": block_j, "CHUNK": chunk, "STAGES": stages,
+                              "SPT_R": per_thread_r, "SPT_J": per_thread_j, "TPW_R": threads_r, "WARPS": 4},
+                             num_warps=4, num_stages=1)
 
-    # 128 x 64 with 4 x 8 values per thread won on the H100 at 4096 x 4096; the smaller tiles give
-    # narrow layers enough programs to fill the GPU. Larger thread tiles spill (255 registers); more
-    # blocks per SM through fewer registers lost (benchmarks/experiments/scan_sass.py's EXPLORED).
-    GLUON_CONFIGS = [_gluon_config(128, 64, 4, 8, 8, 4), _gluon_config(128, 64, 8, 8, 4, 4),
-                     _gluon_config(64, 128, 4, 8, 4, 4), _gluon_config(64, 64, 4, 8, 4, 4),
-                     _gluon_config(32, 64, 2, 8, 4, 4)]
+    # 128 x 64 with 4 x 8 values per thread won on the H100 at 4096 x 4096 (8.6-8.7 ms for every chunk
+    # and stage count here); the smaller tiles give narrow layers enough programs to fill the GPU.
+    GLUON_CONFIGS = [_gluon_config(128, 64, 4, 8, 8, 8, 3), _gluon_config(128, 64, 4, 8, 8, 16, 2),
+                     _gluon_config(64, 128, 4, 8, 4, 8, 3), _gluon_config(64, 64, 4, 8, 4, 16, 2),
+                     _gluon_config(32, 64, 2, 8, 4, 16, 2)]
+    CHUNK_MULTIPLE = 16   # every config's CHUNK divides it: restore_t is padded to a multiple of it
 
     @triton.autotune(configs=GLUON_CONFIGS, key=["d", "rows_bucket"])
     @gluon.jit
     def _low_kernel_gluon(gram, weight, scale_t, restore_t, low, rows, d, rows_bucket,
-                          BLOCK_R: gl.constexpr, BLOCK_J: gl.constexpr, UNROLL: gl.constexpr,
+                          BLOCK_R: gl.constexpr, BLOCK_J: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr,
                           SPT_R: gl.constexpr, SPT_J: gl.constexpr, TPW_R: gl.constexpr,
                           WARPS: gl.constexpr):  # pragma: no cover
+        """restore_t has at least cdiv(d, CHUNK) * CHUNK rows, +inf past d."""
         layout: gl.constexpr = gl.BlockedLayout([SPT_R, SPT_J], [TPW_R, 32 // TPW_R], [WARPS, 1], [1, 0])
-        r = gl.program_id(0) * BLOCK_R + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, layout))
-        j = gl.program_id(1) * BLOCK_J + gl.arange(0, BLOCK_J, layout=gl.SliceLayout(0, layout))
-        r_ok = r < rows
-        j_ok = j < d
-        rj_ok = gl.expand_dims(r_ok, 1) & gl.expand_dims(j_ok, 0)
+        smem_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        g_smem = gl.allocate_shared_memory(gl.float32, [STAGES, CHUNK, BLOCK_J], smem_layout)
+        s_smem = gl.allocate_shared_memory(gl.float32, [STAGES, CHUNK, BLOCK_R], smem_layout)
+        a_smem = gl.allocate_shared_memory(gl.float32, [STAGES, CHUNK, BLOCK_R], smem_layout)
+        pid_r = gl.program_id(0)
+        pid_j = gl.program_id(1)
+        r = pid_r * BLOCK_R + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, layout))
+        j = pid_j * BLOCK_J + gl.arange(0, BLOCK_J, layout=gl.SliceLayout(0, layout))
+        rj_ok = gl.expand_dims(r < rows, 1) & gl.expand_dims(j < d, 0)
         w = gl.load(weight + gl.expand_dims(r, 1) * d + gl.expand_dims(j, 0), mask=rj_ok, other=0.0)
         acc = gl.full([BLOCK_R, BLOCK_J], float("inf"), gl.float32, layout=layout)
-        for start in range(0, d, UNROLL):
-            for step in gl.static_range(UNROLL):
-                i = start + step
-                i_ok = i < d   # the last step of a width that UNROLL does not divide
-                g = gl.load(gram + i * d + j, mask=j_ok & i_ok, other=0.0)                       # G_ij
-                s = gl.load(scale_t + i * rows + r, mask=r_ok & i_ok, other=0.0)                  # -2 w_ri
-                a = gl.load(restore_t + i * rows + r, mask=r_ok & i_ok, other=float("inf"))       # a_ri
-                acc = gl.minimum(acc, (w * gl.expand_dims(g, 0)) * gl.expand_dims(s, 1) + gl.expand_dims(a, 1))
+        chunks = gl.cdiv(d, CHUNK)
+        for k in gl.static_range(STAGES - 1):
+            _stage_chunk(g_smem.index(k), s_smem.index(k), a_smem.index(k), gram, scale_t, restore_t, k,
+                         rows, d, chunks * CHUNK, pid_r, pid_j, BLOCK_R, BLOCK_J, CHUNK, WARPS)
+        for k in range(chunks):
+            async_copy.wait_group(STAGES - 2)
+            gl.thread_barrier()   # chunk k has landed, and every warp is done with the stage refilled next
+            refill = (k + STAGES - 1) % STAGES
+            _stage_chunk(g_smem.index(refill), s_smem.index(refill), a_smem.index(refill), gram, scale_t,
+                         restore_t, k + STAGES - 1, rows, d, chunks * CHUNK, pid_r, pid_j,
+                         BLOCK_R, BLOCK_J, CHUNK, WARPS)
+            stage = k % STAGES
+            for c in gl.static_range(CHUNK):
+                g = g_smem.index(stage).slice(c, 1).load(layout)                     # G_ij: [1, BLOCK_J]
+                s = s_smem.index(stage).slice(c, 1).permute([1, 0]).load(layout)     # -2 w_ri: [BLOCK_R, 1]
+                a = a_smem.index(stage).slice(c, 1).permute([1, 0]).load(layout)     # a_ri: [BLOCK_R, 1]
+                acc = gl.minimum(acc, (w * g) * s + a)
         gl.store(low + gl.expand_dims(r, 1) * d + gl.expand_dims(j, 0), acc, mask=rj_ok)
+
+    @gluon.jit
+    def _stage_chunk(g_stage, s_stage, a_stage, gram, scale_t, restore_t, chunk, rows, d, d_padded, pid_r, pid_j,
+                     BLOCK_R: gl.constexpr, BLOCK_J: gl.constexpr, CHUNK: gl.constexpr,
+                     WARPS: gl.constexpr):  # pragma: no cover
+        """Start copying chunk `chunk` (CHUNK values of i) of G's rows and of the row terms into one stage.
+        Past the end the copies zero-fill, except a (padded with +inf), so those i never win."""
+        g_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BLOCK_J // 4), BLOCK_J // 4], [WARPS, 1], [1, 0])
+        r_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (BLOCK_R // 4), BLOCK_R // 4], [WARPS, 1], [1, 0])
+        i = chunk * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, g_copy))
+        j = pid_j * BLOCK_J + gl.arange(0, BLOCK_J, layout=gl.SliceLayout(0, g_copy))
+        async_copy.async_copy_global_to_shared(g_stage, gram + gl.expand_dims(i, 1) * d + gl.expand_dims(j, 0),
+                                               mask=gl.expand_dims(i < d, 1) & gl.expand_dims(j < d, 0))
+        i = chunk * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, r_copy))
+        r = pid_r * BLOCK_R + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, r_copy))
+        offsets = gl.expand_dims(i, 1) * rows + gl.expand_dims(r, 0)
+        r_ok = gl.expand_dims(r < rows, 0)
+        async_copy.async_copy_global_to_shared(s_stage, scale_t + offsets, mask=gl.expand_dims(i < d, 1) & r_ok)
+        async_copy.async_copy_global_to_shared(a_stage, restore_t + offsets,
+                                               mask=gl.expand_dims(i < d_padded, 1) & r_ok)
+        async_copy.commit_group()
 
 
 def scan_per_row_triton(w, mask, c, gram, pattern, kernel: str = "auto"):
@@ -123,12 +161,23 @@ def scan_per_row_triton(w, mask, c, gram, pattern, kernel: str = "auto"):
     def grid(meta):
         return triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(d, meta["BLOCK_J"])
 
-    low_kernel[grid](gram, w, scale.T.contiguous(), restore.T.contiguous(), low, rows, d, _bucket(rows))
+    low_kernel[grid](gram, w, scale.T.contiguous(), _restore_rows(restore, low_kernel), low, rows, d, _bucket(rows))
     best, j = (low + prune).min(1)                    # first minimum: smallest j on ties
     # i of the winning j: the pruned i minimising a_i - 2 w_i w_j G_ji (one column of G per row).
     column = gram[j] * w.gather(1, j.unsqueeze(1))
     i = (restore + scale * column).argmin(1)
     return best, i, j
+
+
+def _restore_rows(restore, low_kernel):
+    """The restore terms i-major; for the Gluon kernel padded with +inf to whole chunks of i."""
+    if low_kernel is _low_kernel:
+        return restore.T.contiguous()
+    rows, d = restore.shape
+    padded = torch.full((triton.cdiv(d, CHUNK_MULTIPLE) * CHUNK_MULTIPLE, rows), float("inf"),
+                        device=restore.device, dtype=restore.dtype)
+    padded[:d] = restore.T
+    return padded
 
 
 def _choose_kernel(kernel: str):

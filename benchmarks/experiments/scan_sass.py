@@ -6,11 +6,14 @@ longest backward branch), the share that is the scan's own arithmetic (FMUL, FFM
 the barriers and shared-memory traffic, and the registers and spill stack per thread.
 
 Variants:
-- `triton`: the production kernel (`solvers/swaps_triton.py`) at the tiles its autotuner chose on the H100.
-- `gluon`: the Gluon kernel (`_low_kernel_gluon`, Triton's explicit-layout dialect), which loads each i's
-  scale and restore terms straight into the accumulator's row layout, so no layout conversion (shared
-  memory plus two barriers per vector per i) is needed. It became the production kernel after
-  `--measure` timed it on the H100 (`benchmarks/results/scan_sass_h100.md`).
+- `triton`: the plain Triton kernel (`_low_kernel` in `solvers/swaps_triton.py`, the fallback) at the
+  tiles its autotuner chose on the H100.
+- `gluon-registers`: a Gluon kernel (Triton's explicit-layout dialect) that loads each i's G row and row
+  terms from global memory straight into the accumulator's layout, so no layout conversion (shared memory
+  plus two barriers per vector per i) is needed. Production from ae89e8b to the kernel below; kept here.
+- `gluon-async`: the production kernel (`_low_kernel_gluon`), which stages chunks of i in shared memory
+  with asynchronous copies (cp.async) several chunks ahead.
+`EXPLORED` holds tiles that were measured and lost.
 
     pip install triton==3.6.0        # the device's version; CPU-only machines can compile
     python benchmarks/experiments/scan_sass.py --out benchmarks/results/scan_sass.json
@@ -35,12 +38,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
 from solvers import swaps_triton  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 SCAN_OPS = ("FMUL", "FFMA", "FMNMX")
+
+
+@gluon.jit
+def low_gluon_registers(gram, weight, scale_t, restore_t, low, rows, d, rows_bucket,
+                        BLOCK_R: gl.constexpr, BLOCK_J: gl.constexpr, UNROLL: gl.constexpr,
+                        SPT_R: gl.constexpr, SPT_J: gl.constexpr, TPW_R: gl.constexpr,
+                        WARPS: gl.constexpr):  # pragma: no cover
+    """The scan with each i's values loaded from global memory into registers, i unrolled by UNROLL."""
+    layout: gl.constexpr = gl.BlockedLayout([SPT_R, SPT_J], [TPW_R, 32 // TPW_R], [WARPS, 1], [1, 0])
+    r = gl.program_id(0) * BLOCK_R + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, layout))
+    j = gl.program_id(1) * BLOCK_J + gl.arange(0, BLOCK_J, layout=gl.SliceLayout(0, layout))
+    r_ok = r < rows
+    j_ok = j < d
+    rj_ok = gl.expand_dims(r_ok, 1) & gl.expand_dims(j_ok, 0)
+    w = gl.load(weight + gl.expand_dims(r, 1) * d + gl.expand_dims(j, 0), mask=rj_ok, other=0.0)
+    acc = gl.full([BLOCK_R, BLOCK_J], float("inf"), gl.float32, layout=layout)
+    for start in range(0, d, UNROLL):
+        for step in gl.static_range(UNROLL):
+            i = start + step
+            i_ok = i < d
+            g = gl.load(gram + i * d + j, mask=j_ok & i_ok, other=0.0)
+            s = gl.load(scale_t + i * rows + r, mask=r_ok & i_ok, other=0.0)
+            a = gl.load(restore_t + i * rows + r, mask=r_ok & i_ok, other=float("inf"))
+            acc = gl.minimum(acc, (w * gl.expand_dims(g, 0)) * gl.expand_dims(s, 1) + gl.expand_dims(a, 1))
+    gl.store(low + gl.expand_dims(r, 1) * d + gl.expand_dims(j, 0), acc, mask=rj_ok)
+
+
+def kernel_function(kind: str):
+    return {"triton": swaps_triton._low_kernel.fn, "gluon-registers": low_gluon_registers,
+            "gluon-async": swaps_triton._low_kernel_gluon.fn}[kind]
 
 
 def signature(constexprs: dict) -> dict:
@@ -53,8 +88,8 @@ def signature(constexprs: dict) -> dict:
 def compile_variant(kind: str, constexprs: dict, num_warps: int, maxnreg: int | None):
     # The launcher specialises pointers and d (a multiple of 16 in every LLM layer) as 16-divisible.
     attrs = {(k,): [["tt.divisibility", 16]] for k in range(7)}
-    source = (ASTSource(swaps_triton._low_kernel.fn, signature(constexprs), constexprs, attrs) if kind == "triton"
-              else GluonASTSource(swaps_triton._low_kernel_gluon.fn, signature(constexprs), constexprs, attrs))
+    source = (ASTSource if kind == "triton" else GluonASTSource)(kernel_function(kind), signature(constexprs),
+                                                                  constexprs, attrs)
     options = {"num_warps": num_warps, "num_stages": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
     return triton.compile(source, target=H100, options=options)
 
@@ -93,20 +128,27 @@ def analyse(kind: str, constexprs: dict, num_warps: int, maxnreg: int | None) ->
     return {"kernel": kind, "config": {**constexprs, "num_warps": num_warps, "maxnreg": maxnreg},
             "loop_instructions": total,
             "scan_instructions": scan, "scan_share": scan / total, "barriers": ops["BAR"],
-            "shared_loads": ops["LDS"], "shared_stores": ops["STS"] + ops["STSM"], "global_loads": ops["LDG"],
+            "shared_loads": ops["LDS"], "shared_stores": ops["STS"] + ops["STSM"],
+            "global_loads": ops["LDG"] + ops["LDGSTS"],   # LDGSTS: asynchronous copies to shared memory
             **resources(kernel.asm["cubin"]), "opcodes": dict(ops.most_common())}
 
 
+REGISTERS_LAYOUT = {"BLOCK_R": 128, "BLOCK_J": 64, "SPT_R": 4, "SPT_J": 8, "TPW_R": 8, "WARPS": 4}
 VARIANTS = [
     ("triton", {"BLOCK_R": 128, "BLOCK_J": 64, "UNROLL": 4}, 4, None),     # tuned for 4096x4096 and 11008x4096
     ("triton", {"BLOCK_R": 64, "BLOCK_J": 128, "UNROLL": 4}, 4, None),     # tuned for 4096x11008
-] + [("gluon", config.kwargs, config.num_warps, config.maxnreg) for config in swaps_triton.GLUON_CONFIGS]
-# Gluon tiles tried for more blocks per SM (fewer registers) and left out of the autotuner: all slower
-# on the H100 than the 128 x 64 tile unrolled by 4 at two blocks per SM.
-GLUON_LAYOUT = {"BLOCK_R": 128, "BLOCK_J": 64, "SPT_R": 4, "SPT_J": 8, "TPW_R": 8, "WARPS": 4}
-EXPLORED = [("gluon", {**GLUON_LAYOUT, "UNROLL": 2}, 4, None),
-            ("gluon", {**GLUON_LAYOUT, "UNROLL": 2}, 4, 168),
-            ("gluon", {**GLUON_LAYOUT, "UNROLL": 4, "SPT_R": 2, "WARPS": 8}, 8, None)]
+    # the tiles the register kernel's autotuner had
+    ("gluon-registers", {**REGISTERS_LAYOUT, "UNROLL": 4}, 4, None),
+    ("gluon-registers", {**REGISTERS_LAYOUT, "UNROLL": 4, "SPT_R": 8, "TPW_R": 4}, 4, None),
+    ("gluon-registers", {**REGISTERS_LAYOUT, "BLOCK_R": 64, "BLOCK_J": 128, "TPW_R": 4, "UNROLL": 4}, 4, None),
+    ("gluon-registers", {**REGISTERS_LAYOUT, "BLOCK_R": 64, "TPW_R": 4, "UNROLL": 4}, 4, None),
+    ("gluon-registers", {**REGISTERS_LAYOUT, "BLOCK_R": 32, "SPT_R": 2, "TPW_R": 4, "UNROLL": 4}, 4, None),
+] + [("gluon-async", config.kwargs, config.num_warps, None) for config in swaps_triton.GLUON_CONFIGS]
+# More blocks per SM through fewer registers (all slower on the H100), and a third stage at 16 per copy.
+EXPLORED = [("gluon-registers", {**REGISTERS_LAYOUT, "UNROLL": 2}, 4, None),
+            ("gluon-registers", {**REGISTERS_LAYOUT, "UNROLL": 2}, 4, 168),
+            ("gluon-registers", {**REGISTERS_LAYOUT, "UNROLL": 4, "SPT_R": 2, "WARPS": 8}, 8, None),
+            ("gluon-async", {**REGISTERS_LAYOUT, "CHUNK": 16, "STAGES": 3}, 4, None)]
 
 
 def measure(rows: list[dict], width: int = 4096) -> None:
@@ -126,7 +168,7 @@ def measure(rows: list[dict], width: int = 4096) -> None:
         constexprs = {k: v for k, v in row["config"].items() if k not in ("num_warps", "maxnreg")}
         launch_options = {"num_warps": row["config"]["num_warps"], "num_stages": 1,
                           **({"maxnreg": row["config"]["maxnreg"]} if row["config"]["maxnreg"] else {})}
-        kernel = (swaps_triton._low_kernel if row["kernel"] == "triton" else swaps_triton._low_kernel_gluon).fn
+        kernel = kernel_function(row["kernel"])
         grid = (triton.cdiv(width, constexprs["BLOCK_R"]), triton.cdiv(width, constexprs["BLOCK_J"]))
         low = torch.empty(width, width, device="cuda")
 
@@ -139,10 +181,16 @@ def measure(rows: list[dict], width: int = 4096) -> None:
                    max_abs_difference=(low - reference).abs().max().item())
 
 
+def tile_description(config: dict) -> str:
+    loop = (f"{config['CHUNK']} per copy x {config['STAGES']} stages" if "CHUNK" in config
+            else f"unroll {config['UNROLL']}")
+    cap = f", max {config['maxnreg']} registers" if config.get("maxnreg") else ""
+    return f"{config['BLOCK_R']} x {config['BLOCK_J']}, {loop}, {config['num_warps']}{cap}"
+
+
 COLUMNS = {
     "kernel": lambda row: row["kernel"],
-    "tile (rows x j, unroll, warps)": lambda row: "{BLOCK_R} x {BLOCK_J}, {UNROLL}, {num_warps}".format(**row["config"])
-    + (f", max {row['config']['maxnreg']} registers" if row["config"].get("maxnreg") else ""),
+    "tile (rows x j, i loop, warps)": lambda row: tile_description(row["config"]),
     "thread tile": lambda row: "{SPT_R} x {SPT_J}".format(**row["config"]) if "SPT_R" in row["config"] else "compiler's",
     "loop instructions": lambda row: row["loop_instructions"],
     "scan share": lambda row: f"{row['scan_share']:.0%}",
@@ -182,8 +230,8 @@ def main() -> None:
     result = {"target": "sm_90 (H100)", "triton": triton.__version__, "variants": rows}
     args.out.write_text(json.dumps(result, indent=1))
     markdown = (f"# The scan's i loop in SASS (sm_90, Triton {triton.__version__}, compiled offline)\n\n"
-                "Per loop iteration (UNROLL values of i); the scan's own arithmetic is FMUL + FFMA + FMNMX, "
-                "3 per pair.\n\n" + table(rows))
+                "Per loop iteration (UNROLL values of i, or CHUNK for the kernels that stage i in shared memory); the "
+                "scan's own arithmetic is FMUL + FFMA + FMNMX, 3 per pair.\n\n" + table(rows))
     args.out.with_suffix(".md").write_text(markdown)
     print(markdown)
 
