@@ -10,7 +10,7 @@ Variants:
   tiles its autotuner chose on the H100.
 - `gluon-registers`: a Gluon kernel (Triton's explicit-layout dialect) that loads each i's G row and row
   terms from global memory straight into the accumulator's layout, so no layout conversion (shared memory
-  plus two barriers per vector per i) is needed. Production from ae89e8b to the kernel below; kept here.
+  plus two barriers per vector per i) is needed. Production from 9037815 to ec67f28; kept here.
 - `gluon-async`: the production kernel (`_low_kernel_gluon`), which stages chunks of i in shared memory
   with asynchronous copies (cp.async) several chunks ahead.
 `EXPLORED` holds tiles that were measured and lost.
