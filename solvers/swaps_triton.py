@@ -27,8 +27,17 @@ import importlib.util
 
 import torch
 
+
+def _has_gluon_async_copy() -> bool:
+    """Whether this Triton has Gluon with cp.async (older builds lack one or both)."""
+    try:
+        return importlib.util.find_spec("triton.experimental.gluon.language.nvidia.ampere.async_copy") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 AVAILABLE = importlib.util.find_spec("triton") is not None
-GLUON = AVAILABLE and importlib.util.find_spec("triton.experimental.gluon") is not None
+GLUON = AVAILABLE and _has_gluon_async_copy()
 KERNELS = ("auto", "gluon", "triton")
 
 if AVAILABLE:
@@ -64,6 +73,7 @@ if AVAILABLE:
                 a = tl.load(restore_t + i * rows + r, mask=r_ok & i_ok, other=float("inf"))       # a_ri
                 acc = tl.minimum(acc, (w * g[None, :]) * s[:, None] + a[:, None])
         tl.store(low + r[:, None] * d + j[None, :], acc, mask=rj_ok)
+
 
 if GLUON:
     from triton.experimental import gluon

@@ -133,22 +133,22 @@ def analyse(kind: str, constexprs: dict, num_warps: int, maxnreg: int | None) ->
             **resources(kernel.asm["cubin"]), "opcodes": dict(ops.most_common())}
 
 
-REGISTERS_LAYOUT = {"BLOCK_R": 128, "BLOCK_J": 64, "SPT_R": 4, "SPT_J": 8, "TPW_R": 8, "WARPS": 4}
+TILE_128X64 = {"BLOCK_R": 128, "BLOCK_J": 64, "SPT_R": 4, "SPT_J": 8, "TPW_R": 8, "WARPS": 4}
 VARIANTS = [
     ("triton", {"BLOCK_R": 128, "BLOCK_J": 64, "UNROLL": 4}, 4, None),     # tuned for 4096x4096 and 11008x4096
     ("triton", {"BLOCK_R": 64, "BLOCK_J": 128, "UNROLL": 4}, 4, None),     # tuned for 4096x11008
     # the tiles the register kernel's autotuner had
-    ("gluon-registers", {**REGISTERS_LAYOUT, "UNROLL": 4}, 4, None),
-    ("gluon-registers", {**REGISTERS_LAYOUT, "UNROLL": 4, "SPT_R": 8, "TPW_R": 4}, 4, None),
-    ("gluon-registers", {**REGISTERS_LAYOUT, "BLOCK_R": 64, "BLOCK_J": 128, "TPW_R": 4, "UNROLL": 4}, 4, None),
-    ("gluon-registers", {**REGISTERS_LAYOUT, "BLOCK_R": 64, "TPW_R": 4, "UNROLL": 4}, 4, None),
-    ("gluon-registers", {**REGISTERS_LAYOUT, "BLOCK_R": 32, "SPT_R": 2, "TPW_R": 4, "UNROLL": 4}, 4, None),
+    ("gluon-registers", {**TILE_128X64, "UNROLL": 4}, 4, None),
+    ("gluon-registers", {**TILE_128X64, "UNROLL": 4, "SPT_R": 8, "TPW_R": 4}, 4, None),
+    ("gluon-registers", {**TILE_128X64, "BLOCK_R": 64, "BLOCK_J": 128, "TPW_R": 4, "UNROLL": 4}, 4, None),
+    ("gluon-registers", {**TILE_128X64, "BLOCK_R": 64, "TPW_R": 4, "UNROLL": 4}, 4, None),
+    ("gluon-registers", {**TILE_128X64, "BLOCK_R": 32, "SPT_R": 2, "TPW_R": 4, "UNROLL": 4}, 4, None),
 ] + [("gluon-async", config.kwargs, config.num_warps, None) for config in swaps_triton.GLUON_CONFIGS]
 # More blocks per SM through fewer registers (all slower on the H100), and a third stage at 16 per copy.
-EXPLORED = [("gluon-registers", {**REGISTERS_LAYOUT, "UNROLL": 2}, 4, None),
-            ("gluon-registers", {**REGISTERS_LAYOUT, "UNROLL": 2}, 4, 168),
-            ("gluon-registers", {**REGISTERS_LAYOUT, "UNROLL": 4, "SPT_R": 2, "WARPS": 8}, 8, None),
-            ("gluon-async", {**REGISTERS_LAYOUT, "CHUNK": 16, "STAGES": 3}, 4, None)]
+EXPLORED = [("gluon-registers", {**TILE_128X64, "UNROLL": 2}, 4, None),
+            ("gluon-registers", {**TILE_128X64, "UNROLL": 2}, 4, 168),
+            ("gluon-registers", {**TILE_128X64, "UNROLL": 4, "SPT_R": 2, "WARPS": 8}, 8, None),
+            ("gluon-async", {**TILE_128X64, "CHUNK": 16, "STAGES": 3}, 4, None)]
 
 
 def measure(rows: list[dict], width: int = 4096) -> None:
