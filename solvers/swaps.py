@@ -7,12 +7,19 @@ in O(d). A row stops when no swap improves it (local optimum) or after `max_iter
 their group. The scan runs in `dtype` (float32 by default); c is kept in float64 and every chosen swap is
 re-checked in float64 before it is applied, so the objective never increases.
 
+dtype="float16" (CUDA, Gluon kernel, per-row sparsity) makes the scan a filter: the fused kernel scans in
+packed float16 (half the instructions per pair), the `FILTER_CANDIDATES` best j of each row are re-scored
+exactly in float32 over every pruned i, and rows where none improves are scanned again in float32, so a
+row stops only at a float32 local optimum. Unlike float32 it is not guaranteed to pick the best pair each
+iteration (benchmarks/results/bench_swaps_half.md measures how often it does).
+
 Ties between equal Δ go to the smallest (i, j) in row-major order, identically on every device.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -77,12 +84,54 @@ def scan_nm(w, mask, c, gram, pattern: NM) -> tuple[torch.Tensor, torch.Tensor, 
     return best, group * m + within // m, group * m + within % m
 
 
-def choose_scan(pattern, device: torch.device, engine: str = "auto") -> tuple[ScanFn, bool]:
-    """(scan function, whether it needs a dense [rows, p, d] working set). N:M scans are always cheap torch."""
+FILTER_CANDIDATES = 4
+
+
+def scan_filtered(w, mask, c, gram, pattern, *, approximate_low, exact_scan, candidates: int = FILTER_CANDIDATES):
+    """Best (Δ, i, j) per row with an approximate scan as a filter.
+
+    `approximate_low(w, scale, restore, gram)` estimates low[r, j] = min_i (a_ri - 2 w_ri w_rj G_ij); the
+    `candidates` kept j of each row with the smallest low + b are re-scored exactly over every pruned i.
+    Rows where no candidate improves go to `exact_scan`, so no row is declared a local optimum by mistake."""
+    restore, prune = masked_swap_terms(w, mask, c, gram)
+    scale = -2 * w
+    estimate = approximate_low(w, scale, restore, gram).to(w.dtype) + prune
+    top = estimate.topk(min(candidates, pattern.keep), 1, largest=False).indices.sort(1).values
+    best, i, j = rescore_candidates(w, scale, restore, prune, gram, top)
+    stuck = (best >= 0).nonzero().flatten()
+    if len(stuck):
+        best[stuck], i[stuck], j[stuck] = exact_scan(w[stuck], mask[stuck], c[stuck], gram, pattern)
+    return best, i, j
+
+
+def rescore_candidates(w, scale, restore, prune, gram, top) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact best (Δ, i, j) per row over every pruned i and the candidate j in `top` ([rows, K], ascending).
+    Ties go to the smallest i, then the smallest j, as in the full scan."""
+    delta = gram[top]                                                    # [rows, K, d]: G_ji = G_ij
+    delta.mul_(w.gather(1, top).unsqueeze(2)).mul_(scale.unsqueeze(1)).add_(restore.unsqueeze(1))
+    delta.add_(prune.gather(1, top).unsqueeze(2))
+    per_candidate, i_per_candidate = delta.min(2)                        # first minimum: smallest i
+    best = per_candidate.min(1).values
+    tied = per_candidate == best.unsqueeze(1)
+    order = torch.where(tied, i_per_candidate * w.shape[1] + top, torch.iinfo(torch.long).max)
+    k = order.argmin(1, keepdim=True)
+    return best, i_per_candidate.gather(1, k).squeeze(1), top.gather(1, k).squeeze(1)
+
+
+def choose_scan(pattern, device: torch.device, engine: str = "auto",
+                dtype: torch.dtype = torch.float32) -> tuple[ScanFn, bool]:
+    """(scan function, whether it needs a dense [rows, p, d] working set). N:M scans are always cheap torch,
+    exact whatever the dtype."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if isinstance(pattern, NM):
         return scan_nm, True
+    if dtype == torch.float16:
+        if device.type != "cuda" or engine not in ("auto", "triton") or not swaps_triton.GLUON:
+            raise ValueError("dtype 'float16' filters with the Gluon GPU kernel: it needs a CUDA device, engine "
+                             "'auto' or 'triton' and a Triton with Gluon; use dtype 'float32' otherwise")
+        return partial(scan_filtered, approximate_low=swaps_triton.half_low,
+                       exact_scan=swaps_triton.scan_per_row_triton), False
     if engine == "auto":
         engine = ("numba" if swaps_cpu.AVAILABLE else "torch") if device.type == "cpu" else (
             "triton" if swaps_triton.AVAILABLE else "torch")
@@ -128,7 +177,8 @@ def refine(problem: MaskProblem, mask: torch.Tensor, *, max_iters: int = 100, ba
     if max_iters < 0:
         raise ValueError(f"max_iters must be >= 0, got {max_iters}")
     device = torch.device(device) if device is not None else problem.device
-    scan, dense = choose_scan(problem.pattern, device, engine)
+    scan, dense = choose_scan(problem.pattern, device, engine, dtype)
+    dtype = torch.float32 if dtype == torch.float16 else dtype    # float16 is only the filter's arithmetic
     gram = problem.gram.to(device=device, dtype=dtype)
     gram64 = problem.gram.to(device=device, dtype=torch.float64)
     if batch_rows is None:
@@ -210,7 +260,7 @@ class SwapsSolver(Solver):
 
 
 def _dtype(name: str) -> torch.dtype:
-    choices = {"float32": torch.float32, "float64": torch.float64}
+    choices = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
     if name not in choices:
         raise ValueError(f"dtype must be one of {', '.join(choices)}, got {name!r}")
     return choices[name]

@@ -93,25 +93,25 @@ if GLUON:
                      _gluon_config(32, 64, 2, 8, 4, 16, 2)]
     CHUNK_MULTIPLE = 16   # every config's CHUNK divides it: restore_t is padded to a multiple of it
 
-    @triton.autotune(configs=GLUON_CONFIGS, key=["d", "rows_bucket"])
     @gluon.jit
-    def _low_kernel_gluon(gram, weight, scale_t, restore_t, low, rows, d, rows_bucket,
+    def _scan_gluon(gram, weight, scale_t, restore_t, low, rows, d, rows_bucket,
                           BLOCK_R: gl.constexpr, BLOCK_J: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr,
                           SPT_R: gl.constexpr, SPT_J: gl.constexpr, TPW_R: gl.constexpr,
                           WARPS: gl.constexpr):  # pragma: no cover
         """restore_t has at least cdiv(d, CHUNK) * CHUNK rows, +inf past d."""
         layout: gl.constexpr = gl.BlockedLayout([SPT_R, SPT_J], [TPW_R, 32 // TPW_R], [WARPS, 1], [1, 0])
         smem_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        g_smem = gl.allocate_shared_memory(gl.float32, [STAGES, CHUNK, BLOCK_J], smem_layout)
-        s_smem = gl.allocate_shared_memory(gl.float32, [STAGES, CHUNK, BLOCK_R], smem_layout)
-        a_smem = gl.allocate_shared_memory(gl.float32, [STAGES, CHUNK, BLOCK_R], smem_layout)
+        dtype: gl.constexpr = gram.dtype.element_ty   # float32, or float16 for the filtering scan
+        g_smem = gl.allocate_shared_memory(dtype, [STAGES, CHUNK, BLOCK_J], smem_layout)
+        s_smem = gl.allocate_shared_memory(dtype, [STAGES, CHUNK, BLOCK_R], smem_layout)
+        a_smem = gl.allocate_shared_memory(dtype, [STAGES, CHUNK, BLOCK_R], smem_layout)
         pid_r = gl.program_id(0)
         pid_j = gl.program_id(1)
         r = pid_r * BLOCK_R + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, layout))
         j = pid_j * BLOCK_J + gl.arange(0, BLOCK_J, layout=gl.SliceLayout(0, layout))
         rj_ok = gl.expand_dims(r < rows, 1) & gl.expand_dims(j < d, 0)
         w = gl.load(weight + gl.expand_dims(r, 1) * d + gl.expand_dims(j, 0), mask=rj_ok, other=0.0)
-        acc = gl.full([BLOCK_R, BLOCK_J], float("inf"), gl.float32, layout=layout)
+        acc = gl.full([BLOCK_R, BLOCK_J], float("inf"), dtype, layout=layout)
         chunks = gl.cdiv(d, CHUNK)
         for k in gl.static_range(STAGES - 1):
             _stage_chunk(g_smem.index(k), s_smem.index(k), a_smem.index(k), gram, scale_t, restore_t, k,
@@ -130,6 +130,11 @@ if GLUON:
                 a = a_smem.index(stage).slice(c, 1).permute([1, 0]).load(layout)     # a_ri: [BLOCK_R, 1]
                 acc = gl.minimum(acc, (w * g) * s + a)
         gl.store(low + gl.expand_dims(r, 1) * d + gl.expand_dims(j, 0), acc, mask=rj_ok)
+
+    _low_kernel_gluon = triton.autotune(configs=GLUON_CONFIGS, key=["d", "rows_bucket"])(_scan_gluon)
+    # float16 values take half the registers, so a tile twice as wide fits as well.
+    _low_kernel_gluon_half = triton.autotune(configs=GLUON_CONFIGS + [_gluon_config(128, 128, 4, 8, 8, 8, 3)],
+                                             key=["d", "rows_bucket"])(_scan_gluon)
 
     @gluon.jit
     def _stage_chunk(g_stage, s_stage, a_stage, gram, scale_t, restore_t, chunk, rows, d, d_padded, pid_r, pid_j,
@@ -161,22 +166,48 @@ def scan_per_row_triton(w, mask, c, gram, pattern, kernel: str = "auto"):
     if w.dtype != torch.float32:
         raise ValueError("the Triton scan computes in float32 (dtype='float32')")
     low_kernel = _choose_kernel(kernel)
-    rows, d = w.shape
     restore, prune = masked_swap_terms(w, mask, c, gram)
     scale = -2 * w
-    w = w.contiguous()
-    gram = gram.contiguous()
-    low = torch.empty(rows, d, device=w.device, dtype=torch.float32)
-
-    def grid(meta):
-        return triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(d, meta["BLOCK_J"])
-
-    low_kernel[grid](gram, w, scale.T.contiguous(), _restore_rows(restore, low_kernel), low, rows, d, _bucket(rows))
+    low = _launch(low_kernel, w, scale, restore, gram)
     best, j = (low + prune).min(1)                    # first minimum: smallest j on ties
     # i of the winning j: the pruned i minimising a_i - 2 w_i w_j G_ji (one column of G per row).
     column = gram[j] * w.gather(1, j.unsqueeze(1))
     i = (restore + scale * column).argmin(1)
     return best, i, j
+
+
+def half_low(w, scale, restore, gram):
+    """low[r, j] ≈ min_i (a_ri - 2 w_ri w_rj G_ij) from the Gluon kernel in float16, as float32.
+
+    Every row is scaled into float16's range: the kernel gets w' = w / max|w_r|, G' = G / max|G|,
+    s' = λ_r s max|G| max|w_r| and a' = λ_r a, so (w'_j G'_ij) s'_i + a'_i = λ_r (a_i + s_i w_j G_ij) with
+    |a'|, |s'|, |w' G'| <= 1; λ_r is divided out of the result."""
+    if not GLUON:
+        raise ValueError(f"the float16 scan needs a Triton with Gluon (triton.experimental.gluon); this one "
+                         f"({triton.__version__}) has none: use dtype='float32' or upgrade Triton")
+    tiny = torch.finfo(torch.float32).tiny
+    gram_max = gram.abs().max().clamp_min(tiny)
+    w_max = w.abs().amax(1, keepdim=True).clamp_min(tiny)
+    scale = scale * (gram_max * w_max)
+    largest = torch.maximum(torch.where(restore.isinf(), 0, restore).abs().amax(1, keepdim=True),
+                            scale.abs().amax(1, keepdim=True))
+    lam = 1 / largest.clamp_min(tiny)
+    low = _launch(_low_kernel_gluon_half, (w / w_max).half(), (scale * lam).half(), (restore * lam).half(),
+                  (gram / gram_max).half())
+    return low.float().div_(lam)
+
+
+def _launch(low_kernel, w, scale, restore, gram):
+    """low[r, j] = min_i (restore_ri + scale_ri w_rj G_ij), in the inputs' dtype."""
+    rows, d = w.shape
+    low = torch.empty(rows, d, device=w.device, dtype=w.dtype)
+
+    def grid(meta):
+        return triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(d, meta["BLOCK_J"])
+
+    low_kernel[grid](gram.contiguous(), w.contiguous(), scale.T.contiguous(), _restore_rows(restore, low_kernel),
+                     low, rows, d, _bucket(rows))
+    return low
 
 
 def _restore_rows(restore, low_kernel):

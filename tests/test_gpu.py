@@ -80,3 +80,33 @@ def test_pipeline_on_cuda_matches_cpu(tmp_path):
     assert agreement > 0.99   # float32 Grams summed in another order may flip near-ties
     for corpus, entry in runs["cpu"]["perplexity"]["pruned"].items():
         assert runs["cuda"]["perplexity"]["pruned"][corpus]["ppl"] == pytest.approx(entry["ppl"], rel=0.02)
+
+
+@pytest.mark.parametrize("rows, d, keep", [(7, 64, 32), (128, 576, 288), (9, 130, 65)])
+def test_float16_filter_estimates_the_float32_scan(rows, d, keep):
+    from solvers.swaps import masked_swap_terms
+    from solvers.swaps_triton import _launch, _low_kernel_gluon, half_low
+
+    for seed in range(3):
+        w, mask, c, gram = random_state(rows, d, keep, seed)
+        restore, _ = masked_swap_terms(w, mask, c, gram)
+        exact = _launch(_low_kernel_gluon, w, -2 * w, restore, gram)
+        estimate = half_low(w, -2 * w, restore, gram)
+        # float16 keeps ~3 significant digits of the row's largest term
+        row_scale = torch.maximum(torch.where(restore.isinf(), 0, restore).abs().amax(1),
+                                  (2 * w.abs().amax(1) ** 2 * gram.abs().max()))
+        assert ((estimate - exact).abs().amax(1) <= 4e-3 * row_scale).all()
+
+
+@pytest.mark.parametrize("spec", [{"sparsity": 0.5}, {"sparsity": 0.7}])
+def test_float16_refinement_stops_at_a_float32_local_optimum(spec):
+    problem, _ = make_problem("outliers", rows=64, d=256, seed=3, **spec)
+    problem = problem.to("cuda")
+    start = ss.solve(problem, "wanda").mask
+    half = ss.solve(problem, "swaps", warm_start=start, max_iters=1000, dtype="float16")
+    exact = ss.solve(problem, "swaps", warm_start=start, max_iters=1000)
+    assert half.termination == ss.Termination.LOCAL_OPTIMUM and problem.is_feasible(half.mask)
+    assert half.objective <= ss.solve(problem, "wanda").objective
+    again = ss.solve(problem, "swaps", warm_start=half.mask, max_iters=1000)
+    assert again.extra["swaps_total"] == 0            # the exact float32 scan finds no improving swap either
+    assert abs(half.objective - exact.objective) <= 0.01 * exact.objective

@@ -70,7 +70,9 @@ def test_default_warm_start_is_wanda():
 def test_bad_options_are_rejected():
     problem, _ = make_problem(sparsity=0.5)
     with pytest.raises(ValueError, match="dtype must be one of"):
-        ss.solve(problem, "swaps", dtype="float16")
+        ss.solve(problem, "swaps", dtype="bfloat16")
+    with pytest.raises(ValueError, match="dtype 'float16' filters with the Gluon GPU kernel"):
+        ss.solve(problem, "swaps", dtype="float16", device="cpu")
     with pytest.raises(ValueError, match="max_iters must be >= 0"):
         ss.solve(problem, "swaps", max_iters=-1)
 
@@ -102,3 +104,62 @@ def test_numba_engine_matches_the_torch_reference(dtype):
         numba_result = ss.solve(problem, "swaps", engine="numba", dtype=dtype)
         torch.testing.assert_close(numba_result.row_objective, torch_result.row_objective, rtol=1e-6, atol=0)
         assert (numba_result.mask == torch_result.mask).float().mean() > 0.99
+
+
+def exact_low(w, scale, restore, gram):
+    """low[r, j] = min_i (a_ri - 2 w_ri w_rj G_ij), dense torch: what the fused kernel computes."""
+    return (restore.unsqueeze(2) + scale.unsqueeze(2) * w.unsqueeze(1) * gram.unsqueeze(0)).amin(1)
+
+
+def swap_state(seed, rows=16, d=48):
+    problem, _ = make_problem("outliers", rows=rows, d=d, seed=seed, sparsity=0.5)
+    w, gram = problem.weight.float(), problem.gram.float()
+    mask = ss.solve(problem, "wanda").mask
+    return w, mask, (w * ~mask) @ gram, gram, problem.pattern
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_filtered_scan_with_a_faithful_filter_matches_the_full_scan(seed):
+    from solvers.swaps import scan_filtered, scan_per_row
+
+    w, mask, c, gram, pattern = swap_state(seed)
+    noisy = lambda *args: exact_low(*args) * (1 + 1e-4 * torch.randn(len(w), w.shape[1]))  # noqa: E731
+    best, i, j = scan_filtered(w, mask, c, gram, pattern, approximate_low=noisy, exact_scan=scan_per_row)
+    ref_best, ref_i, ref_j = scan_per_row(w, mask, c, gram, pattern)
+    assert torch.equal(i, ref_i) and torch.equal(j, ref_j)
+    torch.testing.assert_close(best, ref_best)
+
+
+def test_a_misleading_filter_still_returns_true_deltas_of_valid_pairs():
+    from solvers.swaps import masked_swap_terms, scan_filtered, scan_per_row
+
+    w, mask, c, gram, pattern = swap_state(5)
+    backwards = lambda *args: -exact_low(*args)  # noqa: E731
+    best, i, j = scan_filtered(w, mask, c, gram, pattern, approximate_low=backwards, exact_scan=scan_per_row)
+    assert (~mask.gather(1, i[:, None])).all() and mask.gather(1, j[:, None]).all()
+    restore, prune = masked_swap_terms(w, mask, c, gram)
+    rows = torch.arange(len(w))
+    torch.testing.assert_close(best, restore[rows, i] + prune[rows, j] - 2 * w[rows, i] * w[rows, j] * gram[i, j])
+    ref_best = scan_per_row(w, mask, c, gram, pattern)[0]
+    assert (best >= ref_best - 1e-5 * ref_best.abs()).all()
+
+
+def test_rows_where_no_candidate_improves_are_scanned_exactly():
+    """At a local optimum the filter finds nothing, so every row goes to the exact scan and gets its answer."""
+    from solvers.swaps import scan_filtered, scan_per_row
+
+    problem, _ = make_problem("outliers", rows=16, d=48, seed=5, sparsity=0.5)
+    problem = ss.MaskProblem(problem.weight.float(), problem.gram.float(), sparsity=0.5)
+    mask = ss.solve(problem, "swaps", max_iters=1000).mask
+    w, gram = problem.weight, problem.gram
+    rescanned = []
+
+    def counting_scan(w, *args):
+        rescanned.append(len(w))
+        return scan_per_row(w, *args)
+
+    c = (w * ~mask) @ gram
+    best, i, j = scan_filtered(w, mask, c, gram, problem.pattern, approximate_low=exact_low, exact_scan=counting_scan)
+    ref_best, ref_i, ref_j = scan_per_row(w, mask, c, gram, problem.pattern)
+    assert rescanned == [problem.rows] and (ref_best >= 0).all()
+    assert torch.equal(i, ref_i) and torch.equal(j, ref_j) and torch.equal(best, ref_best)
