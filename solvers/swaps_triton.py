@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 
 
 def _has_gluon_async_copy() -> bool:
@@ -192,9 +193,14 @@ def half_low(w, scale, restore, gram):
     largest = torch.maximum(torch.where(restore.isinf(), 0, restore).abs().amax(1, keepdim=True),
                             scale.abs().amax(1, keepdim=True))
     lam = 1 / largest.clamp_min(tiny)
-    low = _launch(_low_kernel_gluon_half, (w / w_max).half(), (scale * lam).half(), (restore * lam).half(),
-                  (gram / gram_max).half())
-    return low.float().div_(lam)
+    # cp.async moves at least 4 bytes: float16 rows of G and of the row terms must start 4-byte aligned, so
+    # rows and d are padded to multiples of 16 (padded rows and i never win: w = s = 0, a = +inf).
+    rows, d = w.shape
+    pad = (0, -d % 16, 0, -rows % 16)
+    low = _launch(_low_kernel_gluon_half, F.pad((w / w_max).half(), pad), F.pad((scale * lam).half(), pad),
+                  F.pad((restore * lam).half(), pad, value=float("inf")),
+                  F.pad((gram / gram_max).half(), (0, -d % 16, 0, -d % 16)))
+    return low[:rows, :d].float().div_(lam)
 
 
 def _launch(low_kernel, w, scale, restore, gram):
