@@ -24,6 +24,7 @@ from functools import partial
 import torch
 
 from sparseswaps import NM, MaskProblem, PerRow, Solution, Solver, Termination, mask_from_scores, register
+from sparseswaps.errors import UserError
 from sparseswaps.problem import pruned_first
 
 from . import swaps_cpu, swaps_triton
@@ -123,12 +124,12 @@ def choose_scan(pattern, device: torch.device, engine: str = "auto",
     """(scan function, whether it needs a dense [rows, p, d] working set). N:M scans are always cheap torch,
     exact whatever the dtype."""
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if isinstance(pattern, NM):
         return scan_nm, True
     if dtype == torch.float16:
         if device.type != "cuda" or engine not in ("auto", "triton") or not swaps_triton.GLUON:
-            raise ValueError("dtype 'float16' filters with the Gluon GPU kernel: it needs a CUDA device, engine "
+            raise UserError("dtype 'float16' filters with the Gluon GPU kernel: it needs a CUDA device, engine "
                              "'auto' or 'triton' and a Triton with Gluon; use dtype 'float32' otherwise")
         return partial(scan_filtered, approximate_low=swaps_triton.half_low,
                        exact_scan=swaps_triton.scan_per_row_triton), False
@@ -137,11 +138,11 @@ def choose_scan(pattern, device: torch.device, engine: str = "auto",
             "triton" if swaps_triton.AVAILABLE else "torch")
     if engine == "triton":
         if device.type != "cuda" or not swaps_triton.AVAILABLE:
-            raise ValueError("engine 'triton' runs on CUDA devices and needs triton installed")
+            raise UserError("engine 'triton' runs on CUDA devices and needs triton installed")
         return swaps_triton.scan_per_row_triton, False
     if engine == "numba":
         if device.type != "cpu" or not swaps_cpu.AVAILABLE:
-            raise ValueError("engine 'numba' runs on the CPU and needs numba installed (pip install numba)")
+            raise UserError("engine 'numba' runs on the CPU and needs numba installed (pip install numba)")
         return swaps_cpu.scan_per_row_numba, False
     return scan_per_row, True
 
@@ -175,7 +176,7 @@ def refine(problem: MaskProblem, mask: torch.Tensor, *, max_iters: int = 100, ba
            engine: str = "auto") -> Solution:
     """Run 1-swap refinement of `mask` on `problem`; the driver shared by every scan implementation."""
     if max_iters < 0:
-        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
+        raise UserError(f"max_iters must be >= 0, got {max_iters}")
     device = torch.device(device) if device is not None else problem.device
     scan, dense = choose_scan(problem.pattern, device, engine, dtype)
     dtype = torch.float32 if dtype == torch.float16 else dtype    # float16 is only the filter's arithmetic
@@ -262,5 +263,5 @@ class SwapsSolver(Solver):
 def _dtype(name: str) -> torch.dtype:
     choices = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
     if name not in choices:
-        raise ValueError(f"dtype must be one of {', '.join(choices)}, got {name!r}")
+        raise UserError(f"dtype must be one of {', '.join(choices)}, got {name!r}")
     return choices[name]

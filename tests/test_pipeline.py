@@ -74,6 +74,8 @@ def run_cli(argv, capsys):
     (["--seqlen", "100000"], "exceeds the model's 1024 positions"),
     (["--solver", "nope"], "unknown solver 'nope'"),
     (["--eval", "lambada"], "unknown --eval corpus lambada"),
+    (["--solver-option", "dtype=bfloat16", "--device", "cpu"], "dtype must be one of"),
+    (["--solver-option", "dtype=float16", "--device", "cpu"], "dtype 'float16' filters with the Gluon GPU kernel"),
 ])
 def test_bad_prune_input_exits_with_a_clear_message(tiny, tmp_path, capsys, extra, message):
     out = tmp_path / "r.json"
