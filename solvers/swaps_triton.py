@@ -18,6 +18,11 @@ for the plain Triton `_low_kernel` and 11.0 ms for a Gluon kernel loading from g
 registers (benchmarks/results/scan_sass_h100.md). The Triton kernel stays as the fallback for Triton
 builds without Gluon, an experimental API.
 
+The Gluon kernel also runs in float16 (`half_low`: packed HMUL2/HFMA2/HMNMX2, 1.5 instructions per pair)
+on operands scaled per row; solvers/swaps.py uses it only as a filter whose candidates it re-scores in
+float32 (dtype="float16"). On the H100 it scans 4096 x 4096 in 4.6 ms, but HFMA2 issues at half the FFMA
+rate there, so the float16 FMA rate is about the float32 one (benchmarks/results/bench_swaps_half.md).
+
 A first version tiled [rows, i, j] and reduced over j inside every tile: 1.0 T pairs/s on an H100, 10%
 of the fp32 floor (benchmarks/results/bench_swaps_v1_3dtile.json).
 """
@@ -96,9 +101,9 @@ if GLUON:
 
     @gluon.jit
     def _scan_gluon(gram, weight, scale_t, restore_t, low, rows, d, rows_bucket,
-                          BLOCK_R: gl.constexpr, BLOCK_J: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr,
-                          SPT_R: gl.constexpr, SPT_J: gl.constexpr, TPW_R: gl.constexpr,
-                          WARPS: gl.constexpr):  # pragma: no cover
+                    BLOCK_R: gl.constexpr, BLOCK_J: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr,
+                    SPT_R: gl.constexpr, SPT_J: gl.constexpr, TPW_R: gl.constexpr,
+                    WARPS: gl.constexpr):  # pragma: no cover
         """restore_t has at least cdiv(d, CHUNK) * CHUNK rows, +inf past d."""
         layout: gl.constexpr = gl.BlockedLayout([SPT_R, SPT_J], [TPW_R, 32 // TPW_R], [WARPS, 1], [1, 0])
         smem_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
