@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparseswaps import MaskProblem, mask_from_scores  # noqa: E402
 from sparseswaps.pipeline import environment  # noqa: E402
-from solvers.swaps import pairs_per_row, refine, scan_filtered, scan_nm  # noqa: E402
+from solvers.swaps import apply_swaps, pairs_per_row, refine, scan_filtered, scan_nm  # noqa: E402
 from solvers.swaps_triton import GLUON, half_low, scan_per_row_triton, tuned_config  # noqa: E402
 
 SHAPES = {"7B": [(4096, 4096), (11008, 4096), (4096, 11008)],
@@ -112,7 +112,7 @@ def bench_layer(rows, d, spec, iterations, dtype, seed=0) -> dict:
     refine_seconds = time.perf_counter() - started
     row = {"rows": rows, "d": d, "pattern": str(problem.pattern), "scan_ms": scan_seconds * 1e3,
            "kernel": kernel_label(dtype) if per_row else None,
-           "kernel_config": tuned_config() if per_row else None,
+           "kernel_config": tuned_config(half=dtype == torch.float16) if per_row else None,
            "evaluated_pairs_per_s": evaluated / scan_seconds, "useful_pairs_per_s": useful / scan_seconds,
            "iterations": solution.extra["iterations"], "refine_s": refine_seconds,
            "s_per_iteration": refine_seconds / max(1, solution.extra["iterations"]),
@@ -137,11 +137,8 @@ def filter_agreement(weight, gram, mask, pattern, iterations: int) -> float:
         _, filter_i, filter_j = filtered_scan(weight, mask, c, gram, pattern)
         agree += int(((filter_i == i) & (filter_j == j)).sum())
         total += len(i)
-        rows = (best < 0).nonzero().flatten()
-        i, j = i[rows], j[rows]
-        mask[rows, i] = True
-        mask[rows, j] = False
-        c[rows] += weight[rows, j, None] * gram[j] - weight[rows, i, None] * gram[i]
+        improving = best < 0
+        apply_swaps(mask, c, weight, gram, improving.nonzero().flatten(), i[improving], j[improving])
     return agree / total
 
 

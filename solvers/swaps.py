@@ -220,6 +220,13 @@ def refine(problem: MaskProblem, mask: torch.Tensor, *, max_iters: int = 100, ba
     return Solution(mask.to(problem.device), termination, extra=extra)
 
 
+def apply_swaps(mask, c, w, gram, rows, i, j) -> None:
+    """In place: restore i and prune j in `rows`, and update c = G (w ⊙ ¬m) with two columns of G."""
+    mask[rows, i] = True
+    mask[rows, j] = False
+    c[rows] += w[rows, j, None] * gram[j] - w[rows, i, None] * gram[i]
+
+
 def _refine_batch(w64, mask, swaps, done, converged, gram, gram64, pattern, max_iters, dtype, scan, deadline,
                   pairs, stats) -> None:
     """Refine a batch of rows in place (mask, swaps, done, converged are views into the full tensors)."""
@@ -237,10 +244,8 @@ def _refine_batch(w64, mask, swaps, done, converged, gram, gram64, pattern, max_
         done[active] += 1
         stats["iterations"] = max(stats["iterations"], int(done[active].max()))
         converged[active[~improving]] = True
-        rows, i, j = active[improving], i[improving], j[improving]
-        mask[rows, i] = True
-        mask[rows, j] = False
-        c64[rows] += w64[rows, j, None] * gram64[j] - w64[rows, i, None] * gram64[i]
+        rows = active[improving]
+        apply_swaps(mask, c64, w64, gram64, rows, i[improving], j[improving])
         swaps[rows] += 1
         active = rows[done[rows] < max_iters]
 

@@ -241,9 +241,13 @@ def _choose_kernel(kernel: str):
     return _low_kernel_gluon if kernel == "gluon" or (kernel == "auto" and GLUON) else _low_kernel
 
 
-def tuned_config(kernel: str = "auto") -> str | None:
-    """The tile configuration the autotuner chose for the last shape `kernel` scanned (None before any scan)."""
-    chosen = getattr(_choose_kernel(kernel), "best_config", None) if AVAILABLE else None
+def tuned_config(kernel: str = "auto", half: bool = False) -> str | None:
+    """The tile configuration the autotuner chose for the last shape `kernel` (or, with `half`, the float16
+    filter's kernel) scanned; None before any scan."""
+    if half:
+        chosen = getattr(_low_kernel_gluon_half, "best_config", None) if GLUON else None
+    else:
+        chosen = getattr(_choose_kernel(kernel), "best_config", None) if AVAILABLE else None
     return None if chosen is None else str(chosen)
 
 
