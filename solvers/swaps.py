@@ -38,7 +38,9 @@ ScanFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, objec
 
 
 def swap_terms(w: torch.Tensor, c: torch.Tensor, diag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """a (gain terms for restoring each entry) and b (cost terms for pruning each entry)."""
+    """a (gain terms for restoring each entry) and b (cost terms for pruning each entry), in w's dtype
+    (the driver keeps c in float64)."""
+    c = c.to(w.dtype)
     w2g = w * w * diag
     return w2g - 2 * w * c, w2g + 2 * w * c
 
@@ -87,22 +89,34 @@ def scan_nm(w, mask, c, gram, pattern: NM) -> tuple[torch.Tensor, torch.Tensor, 
 
 FILTER_CANDIDATES = 4
 
+# shortlist(w, mask, c, gram, k): per row the exact best (Δ, i, j) over the k candidate j an approximate scan
+# proposes, each re-scored over every pruned i.
+Shortlist = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
+                     tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
-def scan_filtered(w, mask, c, gram, pattern, *, approximate_low, exact_scan, candidates: int = FILTER_CANDIDATES):
-    """Best (Δ, i, j) per row with an approximate scan as a filter.
 
-    `approximate_low(w, scale, restore, gram)` estimates low[r, j] = min_i (a_ri - 2 w_ri w_rj G_ij); the
-    `candidates` kept j of each row with the smallest low + b are re-scored exactly over every pruned i.
-    Rows where no candidate improves go to `exact_scan`, so no row is declared a local optimum by mistake."""
-    restore, prune = masked_swap_terms(w, mask, c, gram)
-    scale = -2 * w
-    estimate = approximate_low(w, scale, restore, gram).to(w.dtype) + prune
-    top = estimate.topk(min(candidates, pattern.keep), 1, largest=False).indices.sort(1).values
-    best, i, j = rescore_candidates(w, scale, restore, prune, gram, top)
+def scan_filtered(w, mask, c, gram, pattern, *, shortlist: Shortlist, exact_scan: ScanFn,
+                  candidates: int = FILTER_CANDIDATES):
+    """Best (Δ, i, j) per row with an approximate scan as a filter: the exact best pair among the
+    `candidates` j the filter ranks first. Rows where none improves go to `exact_scan`, so no row is declared
+    a local optimum by mistake."""
+    best, i, j = shortlist(w, mask, c, gram, min(candidates, pattern.keep))
     stuck = (best >= 0).nonzero().flatten()
     if len(stuck):
         best[stuck], i[stuck], j[stuck] = exact_scan(w[stuck], mask[stuck], c[stuck], gram, pattern)
     return best, i, j
+
+
+def shortlist_from_low(approximate_low) -> Shortlist:
+    """A torch shortlist from `approximate_low(w, scale, restore, gram)` ≈ low[r, j] = min_i (a_ri - 2 w_ri w_rj
+    G_ij): the k kept j with the smallest low + b, re-scored exactly (CPU stand-ins for the GPU filter)."""
+    def shortlist(w, mask, c, gram, k):
+        restore, prune = masked_swap_terms(w, mask, c, gram)
+        scale = -2 * w
+        estimate = approximate_low(w, scale, restore, gram).to(w.dtype) + prune
+        top = estimate.topk(k, 1, largest=False).indices.sort(1).values
+        return rescore_candidates(w, scale, restore, prune, gram, top)
+    return shortlist
 
 
 def rescore_candidates(w, scale, restore, prune, gram, top) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,7 +145,7 @@ def choose_scan(pattern, device: torch.device, engine: str = "auto",
         if device.type != "cuda" or engine not in ("auto", "triton") or not swaps_triton.GLUON:
             raise UserError("dtype 'float16' filters with the Gluon GPU kernel: it needs a CUDA device, engine "
                              "'auto' or 'triton' and a Triton with Gluon; use dtype 'float32' otherwise")
-        return partial(scan_filtered, approximate_low=swaps_triton.half_low,
+        return partial(scan_filtered, shortlist=swaps_triton.half_shortlist,
                        exact_scan=swaps_triton.scan_per_row_triton), False
     if engine == "auto":
         engine = ("numba" if swaps_cpu.AVAILABLE else "torch") if device.type == "cpu" else (
@@ -224,30 +238,40 @@ def apply_swaps(mask, c, w, gram, rows, i, j) -> None:
     """In place: restore i and prune j in `rows`, and update c = G (w ⊙ ¬m) with two columns of G."""
     mask[rows, i] = True
     mask[rows, j] = False
-    c[rows] += w[rows, j, None] * gram[j] - w[rows, i, None] * gram[i]
+    if c.is_cuda and swaps_triton.AVAILABLE:
+        swaps_triton.update_c(c, w, gram, rows, i, j)
+    else:
+        c[rows] += w[rows, j, None] * gram[j] - w[rows, i, None] * gram[i]
 
 
 def _refine_batch(w64, mask, swaps, done, converged, gram, gram64, pattern, max_iters, dtype, scan, deadline,
                   pairs, stats) -> None:
-    """Refine a batch of rows in place (mask, swaps, done, converged are views into the full tensors)."""
-    c64 = (w64 * ~mask) @ gram64
+    """Refine a batch of rows in place (mask, swaps, done, converged are views into the full tensors).
+
+    The scan works on compact copies of the rows still refining; they shrink when rows stop, and `mask`
+    gets every applied swap at once, so an interruption (time limit, out of memory) loses nothing."""
+    ids = ((done < max_iters) & ~converged).nonzero().flatten()
+    w64, work_mask = w64[ids], mask[ids]
+    c64 = (w64 * ~work_mask) @ gram64
     w = w64.to(dtype)
-    active = ((done < max_iters) & ~converged).nonzero().flatten()
-    while len(active):
+    while len(ids):
         if deadline is not None and time.monotonic() > deadline:
             stats["timed_out"] = True
             return
-        stats["pairs_evaluated"] += len(active) * pairs
-        best, i, j = scan(w[active], mask[active], c64[active].to(dtype), gram, pattern)
-        exact = exact_deltas(w64[active], c64[active], gram64, i, j)
-        improving = (best < 0) & (exact < 0)
-        done[active] += 1
-        stats["iterations"] = max(stats["iterations"], int(done[active].max()))
-        converged[active[~improving]] = True
-        rows = active[improving]
-        apply_swaps(mask, c64, w64, gram64, rows, i[improving], j[improving])
-        swaps[rows] += 1
-        active = rows[done[rows] < max_iters]
+        stats["pairs_evaluated"] += len(ids) * pairs
+        best, i, j = scan(w, work_mask, c64, gram, pattern)
+        improving = (best < 0) & (exact_deltas(w64, c64, gram64, i, j) < 0)
+        done[ids] += 1
+        stats["iterations"] = max(stats["iterations"], int(done[ids].max()))
+        converged[ids[~improving]] = True
+        local = improving.nonzero().flatten()
+        apply_swaps(work_mask, c64, w64, gram64, local, i[local], j[local])
+        mask[ids[local], i[local]] = True
+        mask[ids[local], j[local]] = False
+        swaps[ids[local]] += 1
+        going_on = improving & (done[ids] < max_iters)
+        if not bool(going_on.all()):
+            ids, w, w64, work_mask, c64 = (t[going_on] for t in (ids, w, w64, work_mask, c64))
 
 
 @register("swaps")

@@ -5,9 +5,14 @@ tensor. A program owns BLOCK_R rows x BLOCK_J columns j and walks i over the who
 elementwise running minimum
     low[r, j] = min_i (a_ri - 2 w_ri w_rj G_ij)        (a_ri = +inf for kept i)
 so the inner loop is three fp32 instructions per pair (FMUL, FFMA, FMNMX) and no reduction; each row of
-G (BLOCK_J values) is loaded once per i and used for all BLOCK_R rows. Afterwards, in torch,
-best_r = min_j (low[r, j] + b_rj) over kept j gives j, and i is recovered from column j (G is symmetric).
-The kernel covers the full d x d square so rows can share G; the share of useful pairs is p*k/d².
+G (BLOCK_J values) is loaded once per i and used for all BLOCK_R rows. Its epilogue adds b_rj (+inf for
+pruned j) and keeps each row's best j of the tile, one slot per 64 columns. The kernel covers the full
+d x d square so rows can share G; the share of useful pairs is p*k/d².
+
+Around it, three small kernels replace what were a dozen torch passes over rows x d per iteration:
+`_terms_kernel` computes a, b and the kernel's i-major operands from w, c (float64) and the mask in one
+pass; `_rescore_kernel` finds, for a row's winning j (or the float16 filter's candidates), the best i
+exactly in float32 from one row of G (G is symmetric); `_update_c_kernel` applies the swaps to c in float64.
 Exact ties go to the smallest j, then the smallest i. The driver re-checks every chosen swap in float64.
 
 Two implementations of the same arithmetic. `_low_kernel_gluon` (Gluon, Triton's explicit-layout
@@ -18,7 +23,7 @@ for the plain Triton `_low_kernel` and 11.0 ms for a Gluon kernel loading from g
 registers (benchmarks/results/scan_sass_h100.md). The Triton kernel stays as the fallback for Triton
 builds without Gluon, an experimental API.
 
-The Gluon kernel also runs in float16 (`half_low`: packed HMUL2/HFMA2/HMNMX2, 1.5 instructions per pair)
+The Gluon kernel also runs in float16 (`half_shortlist`: packed HMUL2/HFMA2/HMNMX2, 1.5 instructions per pair)
 on operands scaled per row; solvers/swaps.py uses it only as a filter whose candidates it re-scores in
 float32 (dtype="float16"). On the H100 it scans 4096 x 4096 in 4.6 ms, but HFMA2 issues at half the FFMA
 rate there, so the float16 FMA rate is about the float32 one (benchmarks/results/bench_swaps_half.md).
@@ -29,6 +34,8 @@ of the fp32 floor (benchmarks/results/bench_swaps_v1_3dtile.json).
 from __future__ import annotations
 
 import importlib.util
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,10 +64,14 @@ if AVAILABLE:
                                    (128, 64, 4), (64, 128, 4)]
                for unroll in (1, 4)]
 
+    MIN_BLOCK_J = 64   # every config's BLOCK_J is a multiple: the kernels write one slot per 64 columns j
+    _MIN_BLOCK_J = tl.constexpr(MIN_BLOCK_J)
+
     @triton.autotune(configs=CONFIGS, key=["d", "rows_bucket"])
     @triton.jit
-    def _low_kernel(gram, weight, scale_t, restore_t, low, rows, d, rows_bucket,
-                    BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, UNROLL: tl.constexpr):  # pragma: no cover
+    def _low_kernel(gram, weight, scale_t, restore_t, prune, inv_scale, tile_val, tile_j, rows, d, slots,
+                    rows_bucket, SCALED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+                    UNROLL: tl.constexpr):  # pragma: no cover
         pid_r = tl.program_id(0)   # fastest: programs sharing a stripe of G run together (L2 reuse)
         pid_j = tl.program_id(1)
         r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -78,7 +89,13 @@ if AVAILABLE:
                 s = tl.load(scale_t + i * rows + r, mask=r_ok & i_ok, other=0.0)                  # -2 w_ri
                 a = tl.load(restore_t + i * rows + r, mask=r_ok & i_ok, other=float("inf"))       # a_ri
                 acc = tl.minimum(acc, (w * g[None, :]) * s[:, None] + a[:, None])
-        tl.store(low + r[:, None] * d + j[None, :], acc, mask=rj_ok)
+        # + b (+inf for pruned j); SCALED is float16 only, which this kernel never runs
+        best = acc + tl.load(prune + r[:, None] * d + j[None, :], mask=rj_ok, other=float("inf"))
+        value = tl.min(best, 1)
+        first = tl.min(tl.where(best == value[:, None], j[None, :], 2147483647), 1)   # smallest j on ties
+        slot = r * slots + pid_j * (BLOCK_J // _MIN_BLOCK_J)
+        tl.store(tile_val + slot, value, mask=r_ok)
+        tl.store(tile_j + slot, first, mask=r_ok)
 
 
 if GLUON:
@@ -100,11 +117,12 @@ if GLUON:
     CHUNK_MULTIPLE = 16   # every config's CHUNK divides it: restore_t is padded to a multiple of it
 
     @gluon.jit
-    def _scan_gluon(gram, weight, scale_t, restore_t, low, rows, d, rows_bucket,
-                    BLOCK_R: gl.constexpr, BLOCK_J: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr,
-                    SPT_R: gl.constexpr, SPT_J: gl.constexpr, TPW_R: gl.constexpr,
-                    WARPS: gl.constexpr):  # pragma: no cover
-        """restore_t has at least cdiv(d, CHUNK) * CHUNK rows, +inf past d."""
+    def _scan_gluon(gram, weight, scale_t, restore_t, prune, inv_scale, tile_val, tile_j, rows, d, slots,
+                    rows_bucket, SCALED: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_J: gl.constexpr,
+                    CHUNK: gl.constexpr, STAGES: gl.constexpr, SPT_R: gl.constexpr, SPT_J: gl.constexpr,
+                    TPW_R: gl.constexpr, WARPS: gl.constexpr):  # pragma: no cover
+        """restore_t has at least cdiv(d, CHUNK) * CHUNK rows, +inf past d. With SCALED (float16), row r's
+        values are λ_r times the true ones and inv_scale holds 1 / λ_r."""
         layout: gl.constexpr = gl.BlockedLayout([SPT_R, SPT_J], [TPW_R, 32 // TPW_R], [WARPS, 1], [1, 0])
         smem_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         dtype: gl.constexpr = gram.dtype.element_ty   # float32, or float16 for the filtering scan
@@ -135,7 +153,23 @@ if GLUON:
                 s = s_smem.index(stage).slice(c, 1).permute([1, 0]).load(layout)     # -2 w_ri: [BLOCK_R, 1]
                 a = a_smem.index(stage).slice(c, 1).permute([1, 0]).load(layout)     # a_ri: [BLOCK_R, 1]
                 acc = gl.minimum(acc, (w * g) * s + a)
-        gl.store(low + gl.expand_dims(r, 1) * d + gl.expand_dims(j, 0), acc, mask=rj_ok)
+        _store_tile_best(acc, r, j, prune, inv_scale, tile_val, tile_j, rows, d, slots, pid_j, SCALED, BLOCK_J)
+
+    @gluon.jit
+    def _store_tile_best(acc, r, j, prune, inv_scale, tile_val, tile_j, rows, d, slots, pid_j,
+                         SCALED: gl.constexpr, BLOCK_J: gl.constexpr):  # pragma: no cover
+        """Each row's best (low + b, j) of the tile into its slot (smallest j on ties), in float32."""
+        best = acc.to(gl.float32)
+        if SCALED:
+            best = best * gl.expand_dims(gl.load(inv_scale + r, mask=r < rows, other=1.0), 1)
+        rj_ok = gl.expand_dims(r < rows, 1) & gl.expand_dims(j < d, 0)
+        best = best + gl.load(prune + gl.expand_dims(r, 1) * d + gl.expand_dims(j, 0), mask=rj_ok,
+                              other=float("inf"))
+        value = gl.min(best, axis=1)
+        first = gl.min(gl.where(best == gl.expand_dims(value, 1), gl.expand_dims(j, 0), 2147483647), axis=1)
+        slot = r * slots + pid_j * (BLOCK_J // _MIN_BLOCK_J)
+        gl.store(tile_val + slot, value, mask=r < rows)
+        gl.store(tile_j + slot, first, mask=r < rows)
 
     _low_kernel_gluon = triton.autotune(configs=GLUON_CONFIGS, key=["d", "rows_bucket"])(_scan_gluon)
     # float16 values take half the registers, so a tile twice as wide fits as well.
@@ -164,72 +198,222 @@ if GLUON:
         async_copy.commit_group()
 
 
-def scan_per_row_triton(w, mask, c, gram, pattern, kernel: str = "auto"):
-    """Best (Δ, i, j) per row over (pruned i, kept j) pairs; float32 CUDA tensors.
-    `kernel`: "gluon", "triton", or "auto" (Gluon where this Triton has it)."""
-    from .swaps import masked_swap_terms
+if AVAILABLE:
+    TINY = 1.1754943508222875e-38   # smallest normal float32: keeps the scale factors finite
+    _TINY = tl.constexpr(TINY)
 
+    @triton.jit
+    def _row_terms(weight, c, mask, diag, r, i, rows, d):  # pragma: no cover
+        """(w, a, b) of a [rows, columns] tile: a = +inf where i is kept or outside, b = +inf where j is
+        pruned or outside."""
+        inside = (r < rows)[:, None] & (i < d)[None, :]
+        offsets = r[:, None] * d + i[None, :]
+        w = tl.load(weight + offsets, mask=inside, other=0.0)
+        c_ = tl.load(c + offsets, mask=inside, other=0.0).to(tl.float32)
+        kept = tl.load(mask + offsets, mask=inside, other=1) != 0
+        w2g = w * w * tl.load(diag + i, mask=i < d, other=0.0)[None, :]
+        a = tl.where(kept, float("inf"), w2g - 2 * w * c_)
+        b = tl.where(kept & inside, w2g + 2 * w * c_, float("inf"))
+        return w, a, b
+
+    @triton.jit
+    def _terms_kernel(weight, c, mask, diag, restore, prune, restore_t, scale_t, weight_k, inv_scale,
+                      rows, d, rows_k, d_k, d_t, gram_max, SCALED: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_D: tl.constexpr):  # pragma: no cover
+        """The scan's operands for rows_k x d_k (rows and d padded): restore and prune row-major in float32,
+        restore_t and scale_t = -2 w i-major (d_t rows) in the scan's dtype. With SCALED (float16) each row
+        is scaled into float16's range: weight_k = w / max|w_r|, scale_t = λ_r s max|G| max|w_r|,
+        restore_t = λ_r a with λ_r = 1 / max(|a|, |s| max|G| max|w_r|), and inv_scale = 1 / λ_r."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        lam = tl.full([BLOCK_R], 1.0, tl.float32)
+        w_max = tl.full([BLOCK_R], 1.0, tl.float32)
+        if SCALED:
+            w_max = tl.zeros([BLOCK_R], tl.float32)
+            a_max = tl.zeros([BLOCK_R], tl.float32)
+            for start in range(0, d, BLOCK_D):
+                w, a, _ = _row_terms(weight, c, mask, diag, r, start + tl.arange(0, BLOCK_D), rows, d)
+                w_max = tl.maximum(w_max, tl.max(tl.abs(w), 1))
+                a_max = tl.maximum(a_max, tl.max(tl.where(a == float("inf"), 0.0, tl.abs(a)), 1))
+            w_max = tl.maximum(w_max, _TINY)
+            lam = 1 / tl.maximum(tl.maximum(a_max, 2 * w_max * w_max * gram_max), _TINY)
+            tl.store(inv_scale + r, 1 / lam, mask=r < rows_k)
+        for start in range(0, d_t, BLOCK_D):
+            i = start + tl.arange(0, BLOCK_D)
+            w, a, b = _row_terms(weight, c, mask, diag, r, i, rows, d)
+            row_major = r[:, None] * d_k + i[None, :]
+            in_k = (r < rows_k)[:, None] & (i < d_k)[None, :]
+            tl.store(restore + row_major, a, mask=in_k)
+            tl.store(prune + row_major, b, mask=in_k)
+            s = -2 * w
+            if SCALED:
+                tl.store(weight_k + row_major, (w / w_max[:, None]).to(weight_k.dtype.element_ty), mask=in_k)
+                a = a * lam[:, None]
+                s = s * (lam * gram_max * w_max)[:, None]
+            i_major = i[None, :] * rows_k + r[:, None]
+            in_t = (r < rows_k)[:, None] & (i < d_t)[None, :]
+            tl.store(restore_t + i_major, a.to(restore_t.dtype.element_ty), mask=in_t)
+            tl.store(scale_t + i_major, s.to(scale_t.dtype.element_ty), mask=in_t)
+
+    @triton.jit
+    def _rescore_kernel(gram, weight, restore, prune, top, best, best_i, best_j, d, d_k, K: tl.constexpr,
+                        K_POW2: tl.constexpr, BLOCK_D: tl.constexpr):  # pragma: no cover
+        """Row r's exact best (Δ, i, j) over every pruned i and the K candidate j in top[r] (float32, the
+        scan's arithmetic (w_j G_ij) s_i + a_i). Ties go to the smallest i, then the smallest j."""
+        r = tl.program_id(0).to(tl.int64)
+        k = tl.arange(0, K_POW2)
+        j = tl.load(top + r * K + k, mask=k < K, other=0)
+        j_ok = (k < K) & (j < d)
+        w_j = tl.load(weight + r * d + j, mask=j_ok, other=0.0)
+        low = tl.full([K_POW2, BLOCK_D], float("inf"), tl.float32)
+        low_i = tl.zeros([K_POW2, BLOCK_D], tl.int64)
+        for start in range(0, d, BLOCK_D):
+            i = start + tl.arange(0, BLOCK_D)
+            i_ok = i < d
+            s = -2 * tl.load(weight + r * d + i, mask=i_ok, other=0.0)
+            a = tl.load(restore + r * d_k + i, mask=i_ok, other=float("inf"))
+            g = tl.load(gram + j[:, None] * d + i[None, :], mask=j_ok[:, None] & i_ok[None, :], other=0.0)
+            value = (w_j[:, None] * g) * s[None, :] + a[None, :]
+            better = value < low                     # strict: the first i of each lane stays on ties
+            low = tl.where(better, value, low)
+            low_i = tl.where(better, i[None, :].to(tl.int64), low_i)
+        per_j = tl.min(low, 1)
+        per_j_i = tl.min(tl.where(low == per_j[:, None], low_i, d), 1)
+        delta = tl.where(j_ok, per_j + tl.load(prune + r * d_k + j, mask=j_ok, other=float("inf")), float("inf"))
+        value = tl.min(delta, 0)
+        pairs = d.to(tl.int64) * d
+        order = tl.where(delta == value, per_j_i * d + j, pairs)
+        chosen = tl.min(order, 0)
+        found = chosen < pairs
+        tl.store(best + r, value)
+        tl.store(best_i + r, tl.where(found, chosen // d, 0))
+        tl.store(best_j + r, tl.where(found, chosen % d, 0))
+
+    @triton.jit
+    def _update_c_kernel(c, weight, gram, rows, i, j, d, BLOCK: tl.constexpr):  # pragma: no cover
+        """c[r] += w_rj G[j] - w_ri G[i] for the swap (rows[p], i[p], j[p]) of program p."""
+        p = tl.program_id(0)
+        columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = columns < d
+        r, i_, j_ = tl.load(rows + p), tl.load(i + p), tl.load(j + p)
+        w_i, w_j = tl.load(weight + r * d + i_), tl.load(weight + r * d + j_)
+        g_i = tl.load(gram + i_ * d + columns, mask=ok)
+        g_j = tl.load(gram + j_ * d + columns, mask=ok)
+        row = c + r * d + columns
+        tl.store(row, tl.load(row, mask=ok) + (w_j * g_j - w_i * g_i), mask=ok)
+
+
+class ScanTerms(NamedTuple):
+    """The operands of one scan (see _terms_kernel); rows_k x d_k is what the kernel sees."""
+    restore: torch.Tensor
+    prune: torch.Tensor
+    restore_t: torch.Tensor
+    scale_t: torch.Tensor
+    weight_k: torch.Tensor
+    inv_scale: torch.Tensor | None
+
+
+def scan_terms(w, mask, c, gram, half: bool = False) -> ScanTerms:
+    """The scan's operands in one pass over w, c and the mask. float16 pads rows and d to multiples of 16:
+    cp.async moves at least 4 bytes, so float16 rows must start 4-byte aligned (padded rows and i never win)."""
+    rows, d = w.shape
+    rows_k, d_k = (rows + -rows % 16, d + -d % 16) if half else (rows, d)
+    d_t = triton.cdiv(d_k, CHUNK_MULTIPLE) * CHUNK_MULTIPLE
+    scan_dtype = torch.float16 if half else torch.float32
+    new = partial(torch.empty, device=w.device)
+    terms = ScanTerms(new(rows_k, d_k), new(rows_k, d_k), new(d_t, rows_k, dtype=scan_dtype),
+                      new(d_t, rows_k, dtype=scan_dtype), new(rows_k, d_k, dtype=torch.float16) if half else w,
+                      new(rows_k) if half else None)
+    gram_max = _half_gram(gram)[1] if half else 1.0
+    block_r = 16
+    _terms_kernel[(triton.cdiv(rows_k, block_r),)](
+        w.contiguous(), c.contiguous(), mask.contiguous().view(torch.uint8), gram.diagonal().contiguous(),
+        terms.restore, terms.prune, terms.restore_t, terms.scale_t, terms.weight_k, terms.inv_scale,
+        rows, d, rows_k, d_k, d_t, gram_max, SCALED=half, BLOCK_R=block_r, BLOCK_D=128)
+    return terms
+
+
+def rescore(w, terms: ScanTerms, gram, top) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact best (Δ, i, j) per row over every pruned i and the candidate j in `top` ([rows, K])."""
+    rows, d = w.shape
+    k = top.shape[1]
+    best = torch.empty(rows, device=w.device)
+    best_i, best_j = (torch.empty(rows, dtype=torch.long, device=w.device) for _ in range(2))
+    _rescore_kernel[(rows,)](gram.contiguous(), w.contiguous(), terms.restore, terms.prune, top.contiguous(),
+                             best, best_i, best_j, d, terms.restore.shape[1], K=k,
+                             K_POW2=triton.next_power_of_2(k), BLOCK_D=256)
+    return best, best_i, best_j
+
+
+def update_c(c, w, gram, rows, i, j) -> None:
+    """In place, on CUDA: c[rows] += w[rows, j] G[j] - w[rows, i] G[i] (one pass over those rows of c)."""
+    if len(rows):
+        d = c.shape[1]
+        block = 1024
+        _update_c_kernel[(len(rows), triton.cdiv(d, block))](c, w.contiguous(), gram.contiguous(), rows, i, j, d,
+                                                            BLOCK=block)
+
+
+def scan_per_row_triton(w, mask, c, gram, pattern, kernel: str = "auto"):
+    """Best (Δ, i, j) per row over (pruned i, kept j) pairs; float32 CUDA tensors (c may be float64).
+    `kernel`: "gluon", "triton", or "auto" (Gluon where this Triton has it)."""
     if w.dtype != torch.float32:
         raise ValueError("the Triton scan computes in float32 (dtype='float32')")
     low_kernel = _choose_kernel(kernel)
-    restore, prune = masked_swap_terms(w, mask, c, gram)
-    scale = -2 * w
-    low = _launch(low_kernel, w, scale, restore, gram)
-    best, j = (low + prune).min(1)                    # first minimum: smallest j on ties
-    # i of the winning j: the pruned i minimising a_i - 2 w_i w_j G_ji (one column of G per row).
-    column = gram[j] * w.gather(1, j.unsqueeze(1))
-    i = (restore + scale * column).argmin(1)
-    return best, i, j
+    terms = scan_terms(w, mask, c, gram)
+    tile_val, tile_j = _launch(low_kernel, terms, gram)
+    j = tile_j.gather(1, tile_val.argmin(1, keepdim=True))       # first minimum: smallest j on ties
+    return rescore(w, terms, gram, j.long())
 
 
-def half_low(w, scale, restore, gram):
-    """low[r, j] ≈ min_i (a_ri - 2 w_ri w_rj G_ij) from the Gluon kernel in float16, as float32.
+def tile_minima(w, mask, c, gram, half: bool = False) -> torch.Tensor:
+    """[rows, slots]: each row's min over (i, j) of Δ_ij per 64 columns j, from the Gluon kernel in float32 or
+    in float16 (an estimate)."""
+    terms = scan_terms(w, mask, c, gram, half)
+    tile_val, _ = _launch(_low_kernel_gluon_half if half else _low_kernel_gluon, terms,
+                          _half_gram(gram)[0] if half else gram)
+    return tile_val[: len(w)]
 
-    Every row is scaled into float16's range: the kernel gets w' = w / max|w_r|, G' = G / max|G|,
-    s' = λ_r s max|G| max|w_r| and a' = λ_r a, so (w'_j G'_ij) s'_i + a'_i = λ_r (a_i + s_i w_j G_ij) with
-    |a'|, |s'|, |w' G'| <= 1; λ_r is divided out of the result."""
+
+def half_shortlist(w, mask, c, gram, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float16 filter: the Gluon kernel in float16 proposes the row's k best 64-column tiles' winners;
+    each is re-scored exactly in float32 over every pruned i (see scan_terms for the scaling)."""
     if not GLUON:
         raise ValueError(f"the float16 scan needs a Triton with Gluon (triton.experimental.gluon); this one "
                          f"({triton.__version__}) has none: use dtype='float32' or upgrade Triton")
-    tiny = torch.finfo(torch.float32).tiny
-    gram_max = gram.abs().max().clamp_min(tiny)
-    w_max = w.abs().amax(1, keepdim=True).clamp_min(tiny)
-    scale = scale * (gram_max * w_max)
-    largest = torch.maximum(torch.where(restore.isinf(), 0, restore).abs().amax(1, keepdim=True),
-                            scale.abs().amax(1, keepdim=True))
-    lam = 1 / largest.clamp_min(tiny)
-    # cp.async moves at least 4 bytes: float16 rows of G and of the row terms must start 4-byte aligned, so
-    # rows and d are padded to multiples of 16 (padded rows and i never win: w = s = 0, a = +inf).
-    rows, d = w.shape
-    pad = (0, -d % 16, 0, -rows % 16)
-    low = _launch(_low_kernel_gluon_half, F.pad((w / w_max).half(), pad), F.pad((scale * lam).half(), pad),
-                  F.pad((restore * lam).half(), pad, value=float("inf")),
-                  F.pad((gram / gram_max).half(), (0, -d % 16, 0, -d % 16)))
-    return low[:rows, :d].float().div_(lam)
+    terms = scan_terms(w, mask, c, gram, half=True)
+    tile_val, tile_j = _launch(_low_kernel_gluon_half, terms, _half_gram(gram)[0])
+    tile_val, tile_j = tile_val[: len(w)], tile_j[: len(w)]
+    picks = tile_val.topk(min(k, tile_val.shape[1]), 1, largest=False).indices
+    top = tile_j.gather(1, picks).long().sort(1).values
+    return rescore(w, terms, gram, top)
 
 
-def _launch(low_kernel, w, scale, restore, gram):
-    """low[r, j] = min_i (restore_ri + scale_ri w_rj G_ij), in the inputs' dtype."""
-    rows, d = w.shape
-    low = torch.empty(rows, d, device=w.device, dtype=w.dtype)
+def _half_gram(gram) -> tuple[torch.Tensor, float]:
+    """(G / max|G| in float16, padded to a multiple of 16, max|G|), computed once per G (and per change of
+    it) and kept on the tensor."""
+    cached = getattr(gram, "_sparseswaps_half", None)
+    if cached is None or cached[0] != gram._version:
+        gram_max = float(gram.abs().max().clamp_min(TINY))
+        pad = -gram.shape[0] % 16
+        cached = (gram._version, F.pad(gram / gram_max, (0, pad, 0, pad)).half(), gram_max)
+        gram._sparseswaps_half = cached
+    return cached[1], cached[2]
+
+
+def _launch(low_kernel, terms: ScanTerms, gram) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value, j) of each row's best pair per 64 columns j: [rows_k, slots], +inf where no tile wrote."""
+    rows, d = terms.weight_k.shape
+    slots = triton.cdiv(d, MIN_BLOCK_J)
+    tile_val = torch.full((rows, slots), float("inf"), device=gram.device)
+    tile_j = torch.zeros(rows, slots, dtype=torch.int32, device=gram.device)
 
     def grid(meta):
         return triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(d, meta["BLOCK_J"])
 
-    low_kernel[grid](gram.contiguous(), w.contiguous(), scale.T.contiguous(), _restore_rows(restore, low_kernel),
-                     low, rows, d, _bucket(rows))
-    return low
-
-
-def _restore_rows(restore, low_kernel):
-    """The restore terms i-major; for the Gluon kernel padded with +inf to whole chunks of i."""
-    if low_kernel is _low_kernel:
-        return restore.T.contiguous()
-    rows, d = restore.shape
-    padded = torch.full((triton.cdiv(d, CHUNK_MULTIPLE) * CHUNK_MULTIPLE, rows), float("inf"),
-                        device=restore.device, dtype=restore.dtype)
-    padded[:d] = restore.T
-    return padded
+    low_kernel[grid](gram.contiguous(), terms.weight_k.contiguous(), terms.scale_t, terms.restore_t, terms.prune,
+                     terms.inv_scale if terms.inv_scale is not None else terms.prune, tile_val, tile_j, rows, d,
+                     slots, _bucket(rows), SCALED=terms.inv_scale is not None)
+    return tile_val, tile_j
 
 
 def _choose_kernel(kernel: str):

@@ -120,22 +120,23 @@ def swap_state(seed, rows=16, d=48):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_filtered_scan_with_a_faithful_filter_matches_the_full_scan(seed):
-    from solvers.swaps import scan_filtered, scan_per_row
+    from solvers.swaps import scan_filtered, scan_per_row, shortlist_from_low
 
     w, mask, c, gram, pattern = swap_state(seed)
     noisy = lambda *args: exact_low(*args) * (1 + 1e-4 * torch.randn(len(w), w.shape[1]))  # noqa: E731
-    best, i, j = scan_filtered(w, mask, c, gram, pattern, approximate_low=noisy, exact_scan=scan_per_row)
+    best, i, j = scan_filtered(w, mask, c, gram, pattern, shortlist=shortlist_from_low(noisy), exact_scan=scan_per_row)
     ref_best, ref_i, ref_j = scan_per_row(w, mask, c, gram, pattern)
     assert torch.equal(i, ref_i) and torch.equal(j, ref_j)
     torch.testing.assert_close(best, ref_best)
 
 
 def test_a_misleading_filter_still_returns_true_deltas_of_valid_pairs():
-    from solvers.swaps import masked_swap_terms, scan_filtered, scan_per_row
+    from solvers.swaps import masked_swap_terms, scan_filtered, scan_per_row, shortlist_from_low
 
     w, mask, c, gram, pattern = swap_state(5)
     backwards = lambda *args: -exact_low(*args)  # noqa: E731
-    best, i, j = scan_filtered(w, mask, c, gram, pattern, approximate_low=backwards, exact_scan=scan_per_row)
+    best, i, j = scan_filtered(w, mask, c, gram, pattern, shortlist=shortlist_from_low(backwards),
+                               exact_scan=scan_per_row)
     assert (~mask.gather(1, i[:, None])).all() and mask.gather(1, j[:, None]).all()
     restore, prune = masked_swap_terms(w, mask, c, gram)
     rows = torch.arange(len(w))
@@ -146,7 +147,7 @@ def test_a_misleading_filter_still_returns_true_deltas_of_valid_pairs():
 
 def test_rows_where_no_candidate_improves_are_scanned_exactly():
     """At a local optimum the filter finds nothing, so every row goes to the exact scan and gets its answer."""
-    from solvers.swaps import scan_filtered, scan_per_row
+    from solvers.swaps import scan_filtered, scan_per_row, shortlist_from_low
 
     problem, _ = make_problem("outliers", rows=16, d=48, seed=5, sparsity=0.5)
     problem = ss.MaskProblem(problem.weight.float(), problem.gram.float(), sparsity=0.5)
@@ -159,7 +160,8 @@ def test_rows_where_no_candidate_improves_are_scanned_exactly():
         return scan_per_row(w, *args)
 
     c = (w * ~mask) @ gram
-    best, i, j = scan_filtered(w, mask, c, gram, problem.pattern, approximate_low=exact_low, exact_scan=counting_scan)
+    best, i, j = scan_filtered(w, mask, c, gram, problem.pattern, shortlist=shortlist_from_low(exact_low),
+                               exact_scan=counting_scan)
     ref_best, ref_i, ref_j = scan_per_row(w, mask, c, gram, problem.pattern)
     assert rescanned == [problem.rows] and (ref_best >= 0).all()
     assert torch.equal(i, ref_i) and torch.equal(j, ref_j) and torch.equal(best, ref_best)

@@ -49,9 +49,9 @@ SCAN_OPS = ("FMUL", "FFMA", "FMNMX")
 
 
 @gluon.jit
-def low_gluon_registers(gram, weight, scale_t, restore_t, low, rows, d, rows_bucket,
-                        BLOCK_R: gl.constexpr, BLOCK_J: gl.constexpr, UNROLL: gl.constexpr,
-                        SPT_R: gl.constexpr, SPT_J: gl.constexpr, TPW_R: gl.constexpr,
+def low_gluon_registers(gram, weight, scale_t, restore_t, prune, inv_scale, tile_val, tile_j, rows, d, slots,
+                        rows_bucket, SCALED: gl.constexpr, BLOCK_R: gl.constexpr, BLOCK_J: gl.constexpr,
+                        UNROLL: gl.constexpr, SPT_R: gl.constexpr, SPT_J: gl.constexpr, TPW_R: gl.constexpr,
                         WARPS: gl.constexpr):  # pragma: no cover
     """The scan with each i's values loaded from global memory into registers, i unrolled by UNROLL."""
     layout: gl.constexpr = gl.BlockedLayout([SPT_R, SPT_J], [TPW_R, 32 // TPW_R], [WARPS, 1], [1, 0])
@@ -70,7 +70,8 @@ def low_gluon_registers(gram, weight, scale_t, restore_t, low, rows, d, rows_buc
             s = gl.load(scale_t + i * rows + r, mask=r_ok & i_ok, other=0.0)
             a = gl.load(restore_t + i * rows + r, mask=r_ok & i_ok, other=float("inf"))
             acc = gl.minimum(acc, (w * gl.expand_dims(g, 0)) * gl.expand_dims(s, 1) + gl.expand_dims(a, 1))
-    gl.store(low + gl.expand_dims(r, 1) * d + gl.expand_dims(j, 0), acc, mask=rj_ok)
+    swaps_triton._store_tile_best(acc, r, j, prune, inv_scale, tile_val, tile_j, rows, d, slots,
+                                  gl.program_id(1), SCALED, BLOCK_J)
 
 
 def kernel_function(kind: str):
@@ -79,15 +80,16 @@ def kernel_function(kind: str):
 
 
 def signature(constexprs: dict) -> dict:
-    sig = {name: "*fp32" for name in ("gram", "weight", "scale_t", "restore_t", "low")}
-    sig.update({"rows": "i32", "d": "i32", "rows_bucket": "i32"})
+    sig = {name: "*fp32" for name in ("gram", "weight", "scale_t", "restore_t", "prune", "inv_scale", "tile_val")}
+    sig.update({"tile_j": "*i32", "rows": "i32", "d": "i32", "slots": "i32", "rows_bucket": "i32"})
     sig.update({name: "constexpr" for name in constexprs})
     return sig
 
 
 def compile_variant(kind: str, constexprs: dict, num_warps: int, maxnreg: int | None):
-    # The launcher specialises pointers and d (a multiple of 16 in every LLM layer) as 16-divisible.
-    attrs = {(k,): [["tt.divisibility", 16]] for k in range(7)}
+    # The launcher specialises pointers, rows and d (multiples of 16 in every LLM layer) as 16-divisible.
+    attrs = {(k,): [["tt.divisibility", 16]] for k in range(10)}
+    constexprs = {"SCALED": False, **constexprs}
     source = (ASTSource if kind == "triton" else GluonASTSource)(kernel_function(kind), signature(constexprs),
                                                                   constexprs, attrs)
     options = {"num_warps": num_warps, "num_stages": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
@@ -163,6 +165,7 @@ def measure(rows: list[dict], width: int = 4096) -> None:
     scale_t = (-2 * w).T.contiguous()
     pruned = torch.rand(width, width, device="cuda", generator=generator) < 0.5
     restore_t = torch.where(pruned, torch.randn(width, width, device="cuda", generator=generator), float("inf"))
+    prune = torch.where(pruned.T, float("inf"), torch.randn(width, width, device="cuda", generator=generator).abs())
     reference = None
     for row in rows:
         constexprs = {k: v for k, v in row["config"].items() if k not in ("num_warps", "maxnreg")}
@@ -170,15 +173,19 @@ def measure(rows: list[dict], width: int = 4096) -> None:
                           **({"maxnreg": row["config"]["maxnreg"]} if row["config"]["maxnreg"] else {})}
         kernel = kernel_function(row["kernel"])
         grid = (triton.cdiv(width, constexprs["BLOCK_R"]), triton.cdiv(width, constexprs["BLOCK_J"]))
-        low = torch.empty(width, width, device="cuda")
+        slots = width // swaps_triton.MIN_BLOCK_J
+        tile_val = torch.full((width, slots), float("inf"), device="cuda")
+        tile_j = torch.zeros(width, slots, dtype=torch.int32, device="cuda")
 
         def launch():
-            kernel[grid](gram, w, scale_t, restore_t, low, width, width, width, **constexprs, **launch_options)
+            kernel[grid](gram, w, scale_t, restore_t, prune, prune, tile_val, tile_j, width, width, slots, width,
+                         SCALED=False, **constexprs, **launch_options)
 
         milliseconds = do_bench(launch)
-        reference = low.clone() if reference is None else reference
+        best = tile_val.min(1).values
+        reference = best.clone() if reference is None else reference
         row.update(ms=milliseconds, pairs_per_s=width ** 3 / (milliseconds / 1e3),
-                   max_abs_difference=(low - reference).abs().max().item())
+                   max_abs_difference=(best - reference).abs().max().item())
 
 
 def tile_description(config: dict) -> str:
