@@ -137,8 +137,7 @@ def filter_agreement(weight, gram, mask, pattern, iterations: int) -> float:
         _, filter_i, filter_j = filtered_scan(weight, mask, c, gram, pattern)
         agree += int(((filter_i == i) & (filter_j == j)).sum())
         total += len(i)
-        improving = best < 0
-        apply_swaps(mask, c, weight, gram, improving.nonzero().flatten(), i[improving], j[improving])
+        apply_swaps(mask, c, weight, gram, i, j, best < 0)
     return agree / total
 
 

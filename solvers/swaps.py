@@ -204,7 +204,7 @@ def refine(problem: MaskProblem, mask: torch.Tensor, *, max_iters: int = 100, ba
     converged = torch.zeros(problem.rows, dtype=torch.bool, device=device)
     deadline = None if time_limit is None else time.monotonic() + time_limit
     pairs = pairs_per_row(problem.d, problem.pattern)
-    stats = {"iterations": 0, "pairs_evaluated": 0, "timed_out": False, "batch_rows": batch_rows}
+    stats = {"pairs_evaluated": 0, "timed_out": False, "batch_rows": batch_rows}
     start = 0
     while start < problem.rows:
         rows = slice(start, min(start + stats["batch_rows"], problem.rows))
@@ -229,19 +229,22 @@ def refine(problem: MaskProblem, mask: torch.Tensor, *, max_iters: int = 100, ba
     else:
         termination = Termination.ITERATION_LIMIT
     extra = {"swaps": swaps.cpu(), "swaps_total": int(swaps.sum()), "rows_converged": int(converged.sum()),
-             "iterations": stats["iterations"], "pairs_evaluated": stats["pairs_evaluated"],
+             "iterations": int(done.max()) if problem.rows else 0, "pairs_evaluated": stats["pairs_evaluated"],
              "batch_rows": stats["batch_rows"]}
     return Solution(mask.to(problem.device), termination, extra=extra)
 
 
-def apply_swaps(mask, c, w, gram, rows, i, j) -> None:
-    """In place: restore i and prune j in `rows`, and update c = G (w ⊙ ¬m) with two columns of G."""
-    mask[rows, i] = True
-    mask[rows, j] = False
+def apply_swaps(mask, c, w, gram, i, j, improving) -> None:
+    """In place, in the rows where `improving`: restore i and prune j, and update c = G (w ⊙ ¬m) with two
+    columns of G. On CUDA without a host synchronisation."""
+    rows = torch.arange(len(i), device=mask.device)
+    mask[rows, i] |= improving
+    mask[rows, j] &= ~improving
     if c.is_cuda and swaps_triton.AVAILABLE:
-        swaps_triton.update_c(c, w, gram, rows, i, j)
+        swaps_triton.update_c(c, w, gram, i, j, improving)
     else:
-        c[rows] += w[rows, j, None] * gram[j] - w[rows, i, None] * gram[i]
+        rows = improving.nonzero().flatten()
+        c[rows] += w[rows, j[rows], None] * gram[j[rows]] - w[rows, i[rows], None] * gram[i[rows]]
 
 
 def _refine_batch(w64, mask, swaps, done, converged, gram, gram64, pattern, max_iters, dtype, scan, deadline,
@@ -249,7 +252,8 @@ def _refine_batch(w64, mask, swaps, done, converged, gram, gram64, pattern, max_
     """Refine a batch of rows in place (mask, swaps, done, converged are views into the full tensors).
 
     The scan works on compact copies of the rows still refining; they shrink when rows stop, and `mask`
-    gets every applied swap at once, so an interruption (time limit, out of memory) loses nothing."""
+    gets every applied swap at once, so an interruption (time limit, out of memory) loses nothing. One
+    host synchronisation per iteration (whether any row stopped), so the GPU does not wait on Python."""
     ids = ((done < max_iters) & ~converged).nonzero().flatten()
     w64, work_mask = w64[ids], mask[ids]
     c64 = (w64 * ~work_mask) @ gram64
@@ -261,14 +265,12 @@ def _refine_batch(w64, mask, swaps, done, converged, gram, gram64, pattern, max_
         stats["pairs_evaluated"] += len(ids) * pairs
         best, i, j = scan(w, work_mask, c64, gram, pattern)
         improving = (best < 0) & (exact_deltas(w64, c64, gram64, i, j) < 0)
+        apply_swaps(work_mask, c64, w64, gram64, i, j, improving)
+        mask[ids, i] |= improving
+        mask[ids, j] &= ~improving
+        swaps[ids] += improving
+        converged[ids] |= ~improving
         done[ids] += 1
-        stats["iterations"] = max(stats["iterations"], int(done[ids].max()))
-        converged[ids[~improving]] = True
-        local = improving.nonzero().flatten()
-        apply_swaps(work_mask, c64, w64, gram64, local, i[local], j[local])
-        mask[ids[local], i[local]] = True
-        mask[ids[local], j[local]] = False
-        swaps[ids[local]] += 1
         going_on = improving & (done[ids] < max_iters)
         if not bool(going_on.all()):
             ids, w, w64, work_mask, c64 = (t[going_on] for t in (ids, w, w64, work_mask, c64))

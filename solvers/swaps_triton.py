@@ -289,12 +289,12 @@ if AVAILABLE:
         tl.store(best_j + r, tl.where(found, chosen % d, 0))
 
     @triton.jit
-    def _update_c_kernel(c, weight, gram, rows, i, j, d, BLOCK: tl.constexpr):  # pragma: no cover
-        """c[r] += w_rj G[j] - w_ri G[i] for the swap (rows[p], i[p], j[p]) of program p."""
-        p = tl.program_id(0)
+    def _update_c_kernel(c, weight, gram, i, j, improving, d, BLOCK: tl.constexpr):  # pragma: no cover
+        """c[r] += w_rj G[j] - w_ri G[i] for row r = program 0's index, where improving[r]."""
+        r = tl.program_id(0).to(tl.int64)
         columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        ok = columns < d
-        r, i_, j_ = tl.load(rows + p), tl.load(i + p), tl.load(j + p)
+        ok = (columns < d) & (tl.load(improving + r) != 0)
+        i_, j_ = tl.load(i + r), tl.load(j + r)
         w_i, w_j = tl.load(weight + r * d + i_), tl.load(weight + r * d + j_)
         g_i = tl.load(gram + i_ * d + columns, mask=ok)
         g_j = tl.load(gram + j_ * d + columns, mask=ok)
@@ -344,13 +344,13 @@ def rescore(w, terms: ScanTerms, gram, top) -> tuple[torch.Tensor, torch.Tensor,
     return best, best_i, best_j
 
 
-def update_c(c, w, gram, rows, i, j) -> None:
-    """In place, on CUDA: c[rows] += w[rows, j] G[j] - w[rows, i] G[i] (one pass over those rows of c)."""
-    if len(rows):
-        d = c.shape[1]
+def update_c(c, w, gram, i, j, improving) -> None:
+    """In place, on CUDA: c[r] += w[r, j_r] G[j_r] - w[r, i_r] G[i_r] in the rows where `improving`."""
+    rows, d = c.shape
+    if rows:
         block = 1024
-        _update_c_kernel[(len(rows), triton.cdiv(d, block))](c, w.contiguous(), gram.contiguous(), rows, i, j, d,
-                                                            BLOCK=block)
+        _update_c_kernel[(rows, triton.cdiv(d, block))](c, w.contiguous(), gram.contiguous(), i, j,
+                                                        improving.view(torch.uint8), d, BLOCK=block)
 
 
 def scan_per_row_triton(w, mask, c, gram, pattern, kernel: str = "auto"):
@@ -436,5 +436,6 @@ def tuned_config(kernel: str = "auto", half: bool = False) -> str | None:
 
 
 def _bucket(rows: int) -> int:
-    """Autotuning key: the kernel's best tile depends on the rows only coarsely."""
-    return 1 << max(0, rows - 1).bit_length()
+    """Autotuning key: the kernel's best tile depends on the rows only coarsely, and not at all below 128
+    (the few rows the float16 filter leaves to the exact scan would each cost an autotuning run)."""
+    return max(128, 1 << max(0, rows - 1).bit_length())
