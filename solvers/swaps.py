@@ -264,16 +264,25 @@ def _refine_batch(w64, mask, swaps, done, converged, gram, gram64, pattern, max_
             return
         stats["pairs_evaluated"] += len(ids) * pairs
         best, i, j = scan(w, work_mask, c64, gram, pattern)
-        improving = (best < 0) & (exact_deltas(w64, c64, gram64, i, j) < 0)
-        apply_swaps(work_mask, c64, w64, gram64, i, j, improving)
-        mask[ids, i] |= improving
-        mask[ids, j] &= ~improving
-        swaps[ids] += improving
-        converged[ids] |= ~improving
-        done[ids] += 1
-        going_on = improving & (done[ids] < max_iters)
+        going_on = _settle(best, i, j, w64, c64, gram64, work_mask, mask, ids, swaps, converged, done, max_iters)
         if not bool(going_on.all()):
             ids, w, w64, work_mask, c64 = (t[going_on] for t in (ids, w, w64, work_mask, c64))
+
+
+def _settle(best, i, j, w64, c64, gram64, work_mask, mask, ids, swaps, converged, done, max_iters) -> torch.Tensor:
+    """Check each row's swap in float64, apply the improving ones (both masks, c), count the iteration and
+    the swap or the convergence; whether each row goes on. On CUDA two kernels (swaps_triton.settle)."""
+    if c64.is_cuda and swaps_triton.AVAILABLE:
+        return swaps_triton.settle(best, i, j, w64, c64, gram64, work_mask, mask, ids, swaps, converged, done,
+                                   max_iters)
+    improving = (best < 0) & (exact_deltas(w64, c64, gram64, i, j) < 0)
+    apply_swaps(work_mask, c64, w64, gram64, i, j, improving)
+    mask[ids, i] |= improving
+    mask[ids, j] &= ~improving
+    swaps[ids] += improving
+    converged[ids] |= ~improving
+    done[ids] += 1
+    return improving & (done[ids] < max_iters)
 
 
 @register("swaps")

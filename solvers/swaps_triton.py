@@ -302,6 +302,36 @@ if AVAILABLE:
         tl.store(row, tl.load(row, mask=ok) + (w_j * g_j - w_i * g_i), mask=ok)
 
 
+    @triton.jit
+    def _settle_kernel(best, i, j, weight, c, gram, work_mask, mask, ids, swaps, converged, done, improving,
+                       going_on, n, d, max_iters, BLOCK: tl.constexpr):  # pragma: no cover
+        """Per row p of the working set (row ids[p] of the batch): Δ of its swap (i, j) recomputed in float64
+        from the float64 state; if it and the scan's Δ are < 0, restore i and prune j in both masks; count
+        the iteration and the swap or the convergence."""
+        p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = p < n
+        i_, j_ = tl.load(i + p, mask=ok, other=0), tl.load(j + p, mask=ok, other=0)
+        w_i, w_j = tl.load(weight + p * d + i_, mask=ok, other=0.0), tl.load(weight + p * d + j_, mask=ok, other=0.0)
+        c_i, c_j = tl.load(c + p * d + i_, mask=ok, other=0.0), tl.load(c + p * d + j_, mask=ok, other=0.0)
+        g_ii = tl.load(gram + i_ * d + i_, mask=ok, other=0.0)
+        g_jj = tl.load(gram + j_ * d + j_, mask=ok, other=0.0)
+        g_ij = tl.load(gram + i_ * d + j_, mask=ok, other=0.0)
+        exact = w_i * w_i * g_ii - 2 * w_i * c_i + w_j * w_j * g_jj + 2 * w_j * c_j - 2 * w_i * w_j * g_ij
+        swap = ok & (tl.load(best + p, mask=ok, other=0.0) < 0) & (exact < 0)
+        r = tl.load(ids + p, mask=ok, other=0)
+        one, zero = tl.full([BLOCK], 1, tl.uint8), tl.full([BLOCK], 0, tl.uint8)
+        tl.store(work_mask + p * d + i_, one, mask=swap)
+        tl.store(work_mask + p * d + j_, zero, mask=swap)
+        tl.store(mask + r * d + i_, one, mask=swap)
+        tl.store(mask + r * d + j_, zero, mask=swap)
+        tl.store(swaps + r, tl.load(swaps + r, mask=ok, other=0) + swap.to(tl.int64), mask=ok)
+        tl.store(converged + r, one, mask=ok & ~swap)
+        iterations = tl.load(done + r, mask=ok, other=0) + 1
+        tl.store(done + r, iterations, mask=ok)
+        tl.store(improving + p, swap.to(tl.uint8), mask=ok)
+        tl.store(going_on + p, (swap & (iterations < max_iters)).to(tl.uint8), mask=ok)
+
+
 class ScanTerms(NamedTuple):
     """The operands of one scan (see _terms_kernel); rows_k x d_k is what the kernel sees."""
     restore: torch.Tensor
@@ -351,6 +381,20 @@ def update_c(c, w, gram, i, j, improving) -> None:
         block = 1024
         _update_c_kernel[(rows, triton.cdiv(d, block))](c, w.contiguous(), gram.contiguous(), i, j,
                                                         improving.view(torch.uint8), d, BLOCK=block)
+
+
+def settle(best, i, j, w64, c64, gram64, work_mask, mask, ids, swaps, converged, done, max_iters) -> torch.Tensor:
+    """The refinement's step after a scan, on CUDA in two kernels (see _settle_kernel and update_c); the
+    torch version is swaps._settle. Returns whether each row goes on."""
+    n, d = c64.shape
+    improving, going_on = (torch.empty(n, dtype=torch.bool, device=c64.device) for _ in range(2))
+    block = 256
+    as_bytes = [t.view(torch.uint8) for t in (work_mask, mask, converged, improving, going_on)]
+    _settle_kernel[(triton.cdiv(n, block),)](best, i, j, w64, c64, gram64, as_bytes[0], as_bytes[1], ids, swaps,
+                                            as_bytes[2], done, as_bytes[3], as_bytes[4], n, d, max_iters,
+                                            BLOCK=block)
+    update_c(c64, w64, gram64, i, j, improving)
+    return going_on
 
 
 def scan_per_row_triton(w, mask, c, gram, pattern, kernel: str = "auto"):
