@@ -6,7 +6,7 @@ elementwise running minimum
     low[r, j] = min_i (a_ri - 2 w_ri w_rj G_ij)        (a_ri = +inf for kept i)
 so the inner loop is three fp32 instructions per pair (FMUL, FFMA, FMNMX) and no reduction; each row of
 G (BLOCK_J values) is loaded once per i and used for all BLOCK_R rows. Its epilogue adds b_rj (+inf for
-pruned j) and keeps each row's best j of the tile, one slot per 64 columns. The kernel covers the full
+pruned j) and keeps each row's two best j of the tile, one slot per 64 columns. The kernel covers the full
 d x d square so rows can share G; the share of useful pairs is p*k/d².
 
 Around it, three small kernels replace what were a dozen torch passes over rows x d per iteration:
@@ -91,11 +91,13 @@ if AVAILABLE:
                 acc = tl.minimum(acc, (w * g[None, :]) * s[:, None] + a[:, None])
         # + b (+inf for pruned j); SCALED is float16 only, which this kernel never runs
         best = acc + tl.load(prune + r[:, None] * d + j[None, :], mask=rj_ok, other=float("inf"))
-        value = tl.min(best, 1)
-        first = tl.min(tl.where(best == value[:, None], j[None, :], 2147483647), 1)   # smallest j on ties
-        slot = r * slots + pid_j * (BLOCK_J // _MIN_BLOCK_J)
-        tl.store(tile_val + slot, value, mask=r_ok)
-        tl.store(tile_j + slot, first, mask=r_ok)
+        slot = 2 * (r * slots + pid_j * (BLOCK_J // _MIN_BLOCK_J))
+        for rank in tl.static_range(2):
+            value = tl.min(best, 1)
+            first = tl.min(tl.where(best == value[:, None], j[None, :], 2147483647), 1)   # smallest j on ties
+            tl.store(tile_val + slot + rank, value, mask=r_ok)
+            tl.store(tile_j + slot + rank, first, mask=r_ok)
+            best = tl.where(j[None, :] == first[:, None], float("inf"), best)
 
 
 if GLUON:
@@ -158,18 +160,20 @@ if GLUON:
     @gluon.jit
     def _store_tile_best(acc, r, j, prune, inv_scale, tile_val, tile_j, rows, d, slots, pid_j,
                          SCALED: gl.constexpr, BLOCK_J: gl.constexpr):  # pragma: no cover
-        """Each row's best (low + b, j) of the tile into its slot (smallest j on ties), in float32."""
+        """Each row's two best (low + b, j) of the tile into its slot (smallest j on ties), in float32."""
         best = acc.to(gl.float32)
         if SCALED:
             best = best * gl.expand_dims(gl.load(inv_scale + r, mask=r < rows, other=1.0), 1)
         rj_ok = gl.expand_dims(r < rows, 1) & gl.expand_dims(j < d, 0)
         best = best + gl.load(prune + gl.expand_dims(r, 1) * d + gl.expand_dims(j, 0), mask=rj_ok,
                               other=float("inf"))
-        value = gl.min(best, axis=1)
-        first = gl.min(gl.where(best == gl.expand_dims(value, 1), gl.expand_dims(j, 0), 2147483647), axis=1)
-        slot = r * slots + pid_j * (BLOCK_J // _MIN_BLOCK_J)
-        gl.store(tile_val + slot, value, mask=r < rows)
-        gl.store(tile_j + slot, first, mask=r < rows)
+        slot = 2 * (r * slots + pid_j * (BLOCK_J // _MIN_BLOCK_J))
+        for rank in gl.static_range(2):
+            value = gl.min(best, axis=1)
+            first = gl.min(gl.where(best == gl.expand_dims(value, 1), gl.expand_dims(j, 0), 2147483647), axis=1)
+            gl.store(tile_val + slot + rank, value, mask=r < rows)
+            gl.store(tile_j + slot + rank, first, mask=r < rows)
+            best = gl.where(gl.expand_dims(j, 0) == gl.expand_dims(first, 1), float("inf"), best)
 
     _low_kernel_gluon = triton.autotune(configs=GLUON_CONFIGS, key=["d", "rows_bucket"])(_scan_gluon)
     # float16 values take half the registers, so a tile twice as wide fits as well.
@@ -410,8 +414,8 @@ def scan_per_row_triton(w, mask, c, gram, pattern, kernel: str = "auto"):
 
 
 def tile_minima(w, mask, c, gram, half: bool = False) -> torch.Tensor:
-    """[rows, slots]: each row's min over (i, j) of Δ_ij per 64 columns j, from the Gluon kernel in float32 or
-    in float16 (an estimate)."""
+    """[rows, 2 slots]: each row's two smallest min_i Δ_ij per 64 columns j, from the Gluon kernel in float32
+    or in float16 (an estimate)."""
     terms = scan_terms(w, mask, c, gram, half)
     tile_val, _ = _launch(_low_kernel_gluon_half if half else _low_kernel_gluon, terms,
                           _half_gram(gram)[0] if half else gram)
@@ -419,8 +423,8 @@ def tile_minima(w, mask, c, gram, half: bool = False) -> torch.Tensor:
 
 
 def half_shortlist(w, mask, c, gram, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The float16 filter: the Gluon kernel in float16 proposes the row's k best 64-column tiles' winners;
-    each is re-scored exactly in float32 over every pruned i (see scan_terms for the scaling)."""
+    """The float16 filter: the Gluon kernel in float16 proposes the row's k best j among each 64 columns'
+    best two; each is re-scored exactly in float32 over every pruned i (see scan_terms for the scaling)."""
     if not GLUON:
         raise ValueError(f"the float16 scan needs a Triton with Gluon (triton.experimental.gluon); this one "
                          f"({triton.__version__}) has none: use dtype='float32' or upgrade Triton")
@@ -445,11 +449,12 @@ def _half_gram(gram) -> tuple[torch.Tensor, float]:
 
 
 def _launch(low_kernel, terms: ScanTerms, gram) -> tuple[torch.Tensor, torch.Tensor]:
-    """(value, j) of each row's best pair per 64 columns j: [rows_k, slots], +inf where no tile wrote."""
+    """(value, j) of each row's two best pairs (in order) per 64 columns j: [rows_k, 2 slots], +inf where no
+    tile wrote."""
     rows, d = terms.weight_k.shape
     slots = triton.cdiv(d, MIN_BLOCK_J)
-    tile_val = torch.full((rows, slots), float("inf"), device=gram.device)
-    tile_j = torch.zeros(rows, slots, dtype=torch.int32, device=gram.device)
+    tile_val = torch.full((rows, 2 * slots), float("inf"), device=gram.device)
+    tile_j = torch.zeros(rows, 2 * slots, dtype=torch.int32, device=gram.device)
 
     def grid(meta):
         return triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(d, meta["BLOCK_J"])

@@ -174,8 +174,8 @@ def measure(rows: list[dict], width: int = 4096) -> None:
         kernel = kernel_function(row["kernel"])
         grid = (triton.cdiv(width, constexprs["BLOCK_R"]), triton.cdiv(width, constexprs["BLOCK_J"]))
         slots = width // swaps_triton.MIN_BLOCK_J
-        tile_val = torch.full((width, slots), float("inf"), device="cuda")
-        tile_j = torch.zeros(width, slots, dtype=torch.int32, device="cuda")
+        tile_val = torch.full((width, 2 * slots), float("inf"), device="cuda")
+        tile_j = torch.zeros(width, 2 * slots, dtype=torch.int32, device="cuda")
 
         def launch():
             kernel[grid](gram, w, scale_t, restore_t, prune, prune, tile_val, tile_j, width, width, slots, width,
