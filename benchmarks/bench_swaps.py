@@ -8,12 +8,12 @@ arithmetic operations per evaluated pair (multiply, FMA, min), so floor = measur
 rate in operations per second. For --dtype float16 the rate is of packed HFMA2 (two operations each,
 measured at about the float32 rate on the H100) and the floor is rate / 2 (see OPERATIONS_PER_PAIR).
 
---dtype float16 times the filtering scan (float16 kernel, the best 4 j per row re-scored in float32, rows
+--dtype float16 times the filtering scan (float16 kernel, 4 candidate j per row re-scored in float32, rows
 with no improving candidate re-scanned in float32) and records how often it picks the float32 scan's pair
 along the exact trajectory; --real-layers adds that on real layers (benchmarks/experiments/export_layers.py),
 with both refinements' objectives.
 
-    python benchmarks/bench_swaps.py --out results/        # JSON + markdown
+    python benchmarks/bench_swaps.py --models 7B,70B --model-7b --out results/     # JSON + markdown
     python benchmarks/bench_swaps.py --model-7b --out results/   # also the 224-layer 7B-shaped refinement
     python benchmarks/bench_swaps.py --dtype float16 --real-layers layers.safetensors --out results/
 """
