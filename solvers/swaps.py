@@ -10,9 +10,9 @@ re-checked in float64 before it is applied, so the objective never increases.
 dtype="float16" (CUDA, Gluon kernel, per-row sparsity) makes the scan a filter: the fused kernel scans in
 packed float16 (half the instructions per pair), of each row's two best j per 64 columns the
 `FILTER_CANDIDATES` best are re-scored exactly in float32 over every pruned i, and rows where none
-improves are scanned again in float32, so a
-row stops only at a float32 local optimum. Unlike float32 it is not guaranteed to pick the best pair each
-iteration (benchmarks/results/bench_swaps_half.md measures how often it does).
+improves are scanned again in float32, so a row stops only at a float32 local optimum. Unlike float32 it
+is not guaranteed to pick the best pair each iteration (benchmarks/results/bench_swaps_half.md measures
+how often it does).
 
 Ties between equal Δ go to the smallest (i, j) in row-major order, identically on every device.
 """
