@@ -30,9 +30,11 @@ from sparseswaps.problem import pruned_first
 
 from . import swaps_cpu, swaps_triton
 
-# Working-set budget of one row batch of the dense scan, in bytes.
+# Working-set budget of one row batch of the dense CPU scan, in bytes; on CUDA, half the free memory.
 _CPU_BATCH_BYTES = 32 << 20
-_CUDA_BATCH_BYTES = 2 << 30
+# Bytes per (row, column) of a fused scan's batch: float64 w and c, float32 w, mask, four float32 operand
+# arrays, a float64 temporary for c's first product (45), with margin.
+_FUSED_BYTES_PER_ENTRY = 64
 
 ScanFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, object],
                   tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -179,10 +181,15 @@ def pairs_per_row(problem_d: int, pattern) -> int:
     return problem_d // pattern.m * (pattern.m - pattern.n) * pattern.n
 
 
-def batch_rows_for(d: int, pattern, itemsize: int, device: torch.device) -> int:
-    """Rows per batch so the dense scan's working set stays within a fixed budget."""
-    per_row = (d * d if isinstance(pattern, PerRow) else d * pattern.m) * itemsize * 2
-    budget = _CUDA_BATCH_BYTES if device.type == "cuda" else _CPU_BATCH_BYTES
+def batch_rows_for(d: int, pattern, itemsize: int, device: torch.device, dense: bool = True) -> int:
+    """Rows per batch so the scan's working set (dense: [p, d] pairs per row; fused: _FUSED_BYTES_PER_ENTRY
+    per entry) fits half the free GPU memory, or a fixed budget on the CPU. An out-of-memory error still
+    halves the batch (refine)."""
+    if dense:
+        per_row = (d * d if isinstance(pattern, PerRow) else d * pattern.m) * itemsize * 2
+    else:
+        per_row = d * _FUSED_BYTES_PER_ENTRY
+    budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else _CPU_BATCH_BYTES
     return max(1, budget // per_row)
 
 
@@ -198,7 +205,8 @@ def refine(problem: MaskProblem, mask: torch.Tensor, *, max_iters: int = 100, ba
     gram = problem.gram.to(device=device, dtype=dtype)
     gram64 = problem.gram.to(device=device, dtype=torch.float64)
     if batch_rows is None:
-        batch_rows = batch_rows_for(problem.d, problem.pattern, gram.element_size(), device) if dense else problem.rows
+        batch_rows = (min(problem.rows, batch_rows_for(problem.d, problem.pattern, gram.element_size(), device,
+                                                       dense)) if dense or device.type == "cuda" else problem.rows)
     mask = mask.to(device).clone()
     swaps = torch.zeros(problem.rows, dtype=torch.long, device=device)
     done = torch.zeros(problem.rows, dtype=torch.long, device=device)      # iterations run per row

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import sparseswaps as ss
-from sparseswaps import NM
+from sparseswaps import NM, PerRow
 from conftest import make_problem
 
 
@@ -46,6 +46,19 @@ def test_swaps_never_increase_the_objective_and_count_swaps():
     changed = (result.mask != wanda.mask).sum(1)
     assert (changed <= 2 * result.extra["swaps"]).all()
     assert result.extra["swaps_total"] == int(result.extra["swaps"].sum())
+
+
+def test_cuda_batches_follow_the_free_memory(monkeypatch):
+    """Half the free GPU memory over the per-row working set: d * d pairs for the dense torch scan,
+    64 bytes per entry for the fused one."""
+    from solvers.swaps import batch_rows_for
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 80 << 30))
+    assert batch_rows_for(4096, PerRow(2048), 4, cuda, dense=False) == (4 << 30) // (4096 * 64)
+    assert batch_rows_for(4096, PerRow(2048), 4, cuda, dense=True) == (4 << 30) // (4096 * 4096 * 8)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 20, 80 << 30))
+    assert batch_rows_for(28672, PerRow(14336), 4, cuda, dense=True) == 1
 
 
 @pytest.mark.parametrize("batch_rows", [1, 3, 64])
