@@ -67,6 +67,7 @@ if AVAILABLE:
                for unroll in (1, 4)]
 
     MIN_BLOCK_J = 64   # every config's BLOCK_J is a multiple: the kernels write one slot per 64 columns j
+    CHUNK_MULTIPLE = 16   # every Gluon config's CHUNK divides it: restore_t is padded to a multiple of it
     _MIN_BLOCK_J = tl.constexpr(MIN_BLOCK_J)
 
     @triton.autotune(configs=CONFIGS, key=["d", "rows_bucket"])
@@ -118,7 +119,6 @@ if GLUON:
     GLUON_CONFIGS = [_gluon_config(128, 64, 4, 8, 8, 8, 3), _gluon_config(128, 64, 4, 8, 8, 16, 2),
                      _gluon_config(64, 128, 4, 8, 4, 8, 3), _gluon_config(64, 64, 4, 8, 4, 16, 2),
                      _gluon_config(32, 64, 2, 8, 4, 16, 2)]
-    CHUNK_MULTIPLE = 16   # every config's CHUNK divides it: restore_t is padded to a multiple of it
 
     @gluon.jit
     def _scan_gluon(gram, weight, scale_t, restore_t, prune, inv_scale, tile_val, tile_j, rows, d, slots,
