@@ -307,7 +307,6 @@ if AVAILABLE:
         row = c + r * d + columns
         tl.store(row, tl.load(row, mask=ok) + (w_j * g_j - w_i * g_i), mask=ok)
 
-
     @triton.jit
     def _settle_kernel(best, i, j, weight, c, gram, work_mask, mask, ids, swaps, converged, done, improving,
                        going_on, n, d, max_iters, BLOCK: tl.constexpr):  # pragma: no cover
