@@ -4,15 +4,15 @@
 2. Capture the inputs of block 0 for every calibration sample and the keyword arguments the model passes
    to *each* block (masks and rotary tables can differ per block, e.g. Gemma's sliding/global layers): every
    block's forward is temporarily replaced by a recorder, so this pass costs only the embeddings.
-3. Per block: accumulate each targeted linear's Gram matrix with forward hooks, hand the layers to a
-   callback that prunes them, then recompute the block's outputs with the pruned weights as the next
-   block's inputs. Only the current block is on the compute device; the activations stay there too when
-   they fit (`stage_activations`), since shuttling them over PCIe for every sample twice per block
-   costs more than the block's own compute on a small model.
+3. Per block: accumulate one Gram matrix per distinct linear-layer input with forward hooks (q/k/v read
+   the same tensor, so do gate/up: they share one accumulator), hand the layers to a callback that prunes
+   them, then recompute the block's outputs with the pruned weights as the next block's inputs. Only the
+   current block is on the compute device; the activations stay there too when they fit
+   (`activation_device`), since shuttling them over PCIe for every sample twice per block costs more than
+   the block's own compute on a small model.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -51,8 +51,11 @@ class BlockInputs:
     kwargs: list[dict] = field(default_factory=list)   # per block: the keyword arguments the model passes
 
 
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor) -> BlockInputs:
-    """Inputs of block 0 for every sample and each block's kwargs (recorded on the first sample)."""
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor,
+                         store="cpu") -> BlockInputs:
+    """Inputs of block 0 for every sample (kept on `store`) and each block's kwargs (recorded on the first
+    sample). Only the modules before the first block compute: the blocks' weights are never touched."""
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     hidden: list[torch.Tensor] = []
     kwargs: list[dict | None] = [None] * len(blocks)
     originals = [block.forward for block in blocks]
@@ -61,7 +64,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch
         def forward(*args, **kw):
             states = args[0] if args else kw.pop("hidden_states")
             if index == 0:
-                hidden.append(states.detach().cpu())
+                hidden.append(states.detach().to(store))
             if kwargs[index] is None:
                 kwargs[index] = {k: v for k, v in kw.items() if k != "hidden_states"} | _extra_args(args)
             if index == len(blocks) - 1:
@@ -75,7 +78,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch
         with torch.no_grad():
             for sample in samples:
                 try:
-                    model(sample.unsqueeze(0), use_cache=False)
+                    model(sample.unsqueeze(0).to(device), use_cache=False)
                 except _Recorded:
                     pass
     finally:
@@ -129,15 +132,14 @@ def _block_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def stage_activations(hidden: list[torch.Tensor], device, headroom: float = 4.0) -> list[torch.Tensor]:
-    """Move the calibration activations to `device` when `headroom` times their size is free there, else
-    keep them on the CPU (inputs and outputs coexist, plus the block's own working memory)."""
+def activation_device(device, size_bytes: int, headroom: float = 4.0) -> torch.device:
+    """Where activations of `size_bytes` live: on the GPU when `headroom` times their size is free there
+    (inputs and outputs coexist, plus the block's own working memory), else on the CPU."""
     device = torch.device(device)
     if device.type != "cuda":
-        return [states.cpu() for states in hidden]
-    size = sum(states.numel() * states.element_size() for states in hidden)
+        return torch.device("cpu")
     free, _ = torch.cuda.mem_get_info(device)
-    return [states.to(device) for states in hidden] if headroom * size < free else [states.cpu() for states in hidden]
+    return device if headroom * size_bytes < free else torch.device("cpu")
 
 
 def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, device) -> list[torch.Tensor]:
@@ -150,22 +152,69 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, device
     return outputs
 
 
-@contextmanager
-def recording_inputs(layers: dict[str, nn.Linear], device, dtype=torch.float32):
-    """Forward hooks accumulating each layer's input statistics while the block runs; yields the accumulators."""
-    accumulators = {name: GramAccumulator(layer.in_features, device, dtype) for name, layer in layers.items()}
-    handles = [layer.register_forward_hook(accumulators[name].hook) for name, layer in layers.items()]
+class SharedInputs:
+    """Forward hooks that give layers reading the very same input tensor (q/k/v, gate/up) one accumulator.
+
+    The first sample decides the groups (the tensor objects the layers receive); every later sample must
+    show the same sharing, else the block's forward depends on its data in a way the groups cannot express.
+    """
+
+    def __init__(self, layers: dict[str, nn.Linear], device, dtype=torch.float32):
+        self.layers, self.device, self.dtype = layers, device, dtype
+        self.owner: dict[str, str] = {}             # layer -> the layer whose accumulator it shares
+        self.accumulators: dict[str, GramAccumulator] = {}
+        self._seen: list[tuple[torch.Tensor, str]] = []   # this sample's inputs (kept alive) and their owner
+
+    def next_sample(self) -> None:
+        self._seen.clear()
+
+    def hook(self, name: str):
+        def record(module, inputs, output):
+            x = inputs[0]
+            owner = next((first for tensor, first in self._seen if tensor is x), None)
+            if name not in self.owner:
+                self.owner[name] = owner or name
+            elif self.owner[name] != (owner or name):
+                raise UserError(f"layer {name} shared its input with {self.owner[name]} on the first calibration "
+                                "sample but not on a later one: its block cannot be pruned with shared Grams")
+            if owner is None:
+                self._seen.append((x, name))
+                if name not in self.accumulators:
+                    self.accumulators[name] = GramAccumulator(module.in_features, self.device, self.dtype)
+                self.accumulators[name].hook(module, inputs, output)
+        return record
+
+    def groups(self) -> dict[str, list[str]]:
+        """Owner layer -> every layer reading its input, in the block's layer order."""
+        groups: dict[str, list[str]] = {}
+        for name in self.layers:
+            if name not in self.owner:
+                raise UserError(f"layer {name} never ran in its block's forward: nothing to calibrate it with")
+            groups.setdefault(self.owner[name], []).append(name)
+        return groups
+
+
+@dataclass
+class InputGroup:
+    """Layers reading one input: their names and that input's statistics."""
+    names: list[str]
+    statistics: GramAccumulator
+
+
+def gram_groups(block: nn.Module, layers: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: dict,
+                device, dtype=torch.float32) -> list[InputGroup]:
+    """Run the (dense) block over every sample, accumulating one Gram per distinct input."""
+    shared = SharedInputs(layers, device, dtype)
+    handles = [layer.register_forward_hook(shared.hook(name)) for name, layer in layers.items()]
+    kwargs = to_device(kwargs, device)
     try:
-        yield accumulators
+        with torch.no_grad():
+            for states in hidden:
+                shared.next_sample()
+                block(states.to(device), **kwargs)
     finally:
+        shared.next_sample()
         for handle in handles:
             handle.remove()
-
-
-def gram_matrices(block: nn.Module, layers: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: dict,
-                  device, dtype=torch.float32) -> dict[str, GramAccumulator]:
-    """Run the (dense) block over every sample, accumulating each layer's input statistics."""
-    with recording_inputs(layers, device, dtype) as accumulators:
-        run_block(block, hidden, kwargs, device)
-    return accumulators
+    return [InputGroup(names, shared.accumulators[owner]) for owner, names in shared.groups().items()]
 

@@ -35,3 +35,80 @@ def evaluate_perplexities(model, tokenizer, corpora, seqlen: int, device, *, bos
                                      max_windows=max_windows)
         results[name] = perplexity(model, windows, device)
     return results
+
+
+def streaming_perplexities(lazy, corpora, seqlen: int, device, *, bos_per_window: bool,
+                           max_windows: int | None = None, overrides=None, desc: str = "evaluating") -> dict:
+    """`evaluate_perplexities` with one block in memory at a time: every corpus's windows go through block i
+    before block i + 1 is read, as SparseGPT's evaluation does, so a model larger than the GPU is evaluated
+    on it. `overrides(i)` gives block i's replaced tensors (the pruned weights), or None."""
+    if not corpora:
+        return {}
+    windows = [evaluation_windows(name, lazy.tokenizer, seqlen, bos_per_window=bos_per_window,
+                                  max_windows=max_windows) for name in corpora]
+    losses = streaming_losses(lazy, torch.cat([w.input_ids for w in windows]), device, overrides, desc)
+    results, start = {}, 0
+    for name, corpus in zip(corpora, windows):
+        count = len(corpus.input_ids)
+        results[name] = {"ppl": math.exp(losses[start:start + count].mean().item()), **corpus.info}
+        start += count
+    return results
+
+
+def streaming_losses(lazy, input_ids: torch.Tensor, device, overrides=None, desc: str = "evaluating") -> torch.Tensor:
+    """Mean next-token cross-entropy of every window, float64 [windows], block by block."""
+    from .calibration import activation_device, capture_block_inputs, run_block
+
+    device = torch.device(device)
+    hidden_size = lazy.model.config.get_text_config().hidden_size
+    store = activation_device(device, input_ids.numel() * hidden_size * lazy.dtype.itemsize)
+    lazy.load_outer(device)
+    inputs = capture_block_inputs(lazy.model, lazy.blocks, input_ids, store)
+    lazy.release_outer()
+    hidden = inputs.hidden
+    for index in tqdm(range(len(lazy.blocks)), desc=desc, unit="block", leave=False):
+        lazy.load_block(index, device, overrides(index) if overrides else None)
+        if index == len(lazy.blocks) - 1:
+            returns_tuple = _returns_tuple(lazy.blocks[index], hidden[0], inputs.kwargs[index], device)
+        hidden = run_block(lazy.blocks[index], hidden, inputs.kwargs[index], device)
+        lazy.release_block(index)
+    lazy.load_outer(device)
+    try:
+        return _tail_losses(lazy.model, lazy.blocks, hidden, input_ids, device, returns_tuple)
+    finally:
+        lazy.release_outer()
+
+
+def _returns_tuple(block, states, kwargs, device) -> bool:
+    from .calibration import to_device
+
+    with torch.no_grad():
+        return isinstance(block(states.to(device), **to_device(kwargs, device)), (tuple, list))
+
+
+def _tail_losses(model, blocks, hidden, input_ids, device, returns_tuple: bool) -> torch.Tensor:
+    """The model's own forward after its blocks (final norm, head, soft-capping) on the last block's outputs:
+    block 0 hands back the stored output of the window, the other blocks pass it through."""
+    current: list[torch.Tensor] = []
+    originals = [block.forward for block in blocks]
+
+    def replay(index):
+        def forward(*args, **kw):
+            states = current[0] if index == 0 else (args[0] if args else kw["hidden_states"])
+            return (states,) if returns_tuple else states
+        return forward
+
+    losses = torch.empty(len(input_ids), dtype=torch.float64)
+    try:
+        for index, block in enumerate(blocks):
+            block.forward = replay(index)
+        with torch.no_grad():
+            for index in range(len(input_ids)):
+                current[:] = [hidden[index].to(device)]
+                window = input_ids[index:index + 1].to(device)
+                logits = model(window, use_cache=False).logits[0, :-1].float()
+                losses[index] = F.cross_entropy(logits, window[0, 1:]).double().cpu()
+    finally:
+        for block, original in zip(blocks, originals):
+            block.forward = original
+    return losses
