@@ -37,7 +37,9 @@ def add_prune(commands) -> None:
     parser.add_argument("--eval", type=_csv, help="perplexity corpora, from wikitext2,c4,ptb ('' for none)")
     parser.add_argument("--eval-windows", type=int, default=-1, help="evaluate only the first N windows (0 = all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="storage dtype of the weights (default: the checkpoint's; Grams and solves run in "
+                             "float32/float64 whatever it is)")
     parser.add_argument("--update-weights", action="store_true",
                         help="re-fit the kept weights of each row by least squares after the mask is fixed")
     parser.add_argument("--solver-option", action="append", metavar="KEY=VALUE",

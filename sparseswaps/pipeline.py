@@ -1,28 +1,32 @@
-"""Full-model pruning: calibrate, prune block by block with any solver chain, evaluate, save, resume."""
+"""Full-model pruning: calibrate, prune block by block with any solver chain, evaluate, save, resume.
+
+Memory is one block: the model is a meta-device skeleton (`models.LazyModel`) whose blocks are read from
+their safetensors shards when processed; evaluation streams the blocks the same way; pruned blocks go to a
+`checkpoint` store (a folder, or memory for runs that need no resumption), from which the pruned model is
+evaluated and saved.
+"""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
 import platform
-import shutil
+import resource
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .calibration import (capture_block_inputs, find_blocks, gram_matrices, run_block, stage_activations,
-                          target_linears)
+from .calibration import (activation_device, capture_block_inputs, gram_groups, run_block, target_linears)
+from .checkpoint import DiskStore, MemoryStore, write_json_atomic, write_masks, write_safetensors_atomic
 from .data import EVAL_CORPORA, calibration_windows, provenance
 from .errors import UserError
-from .evaluate import evaluate_perplexities
-from .models import load_model, needs_bos_per_window, write_model_folder
+from .evaluate import streaming_perplexities
+from .models import LazyModel, needs_bos_per_window, open_model
 from .problem import MaskProblem, ProblemError, pruned_first, resolve_pattern
 from .registry import get_solver, solve
 from .zeroshot import check_tasks, zero_shot
@@ -51,7 +55,7 @@ class PruneConfig:
     eval: tuple[str, ...] | None = None
     eval_windows: int | None = -1          # -1: the protocol's value; None: every window
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"                    # storage dtype of the weights; auto: the checkpoint's
     update_weights: bool = False           # least-squares update of the kept weights after the mask is fixed
     solver_options: dict = field(default_factory=dict)
     bos_per_window: str = "auto"           # auto | yes | no
@@ -76,8 +80,8 @@ class PruneConfig:
         unknown = [c for c in config.eval if c not in EVAL_CORPORA]
         if unknown:
             raise UserError(f"unknown --eval corpus {', '.join(unknown)}; choose from {', '.join(EVAL_CORPORA)}")
-        if config.dtype not in _DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}")
+        if config.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
         if config.bos_per_window not in ("auto", "yes", "no"):
             raise UserError("--bos-per-window must be auto, yes or no")
         check_tasks(config.zero_shot)
@@ -93,7 +97,7 @@ class PruneConfig:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: str) -> str:
@@ -109,63 +113,61 @@ def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None 
                 dense_cache: dict | None = None, checkpointing: bool = True) -> dict:
     """Run the whole pipeline and return the result dictionary (also written to `out` when given).
 
-    `stop_after_block` stops after that block's checkpoint (used to test resumption). `dense_cache` lets a
+    `stop_after_block` stops after that block's commit (used to test resumption). `dense_cache` lets a
     caller running several configurations on one model evaluate the dense model once. Without
-    `checkpointing` nothing is written per block (faster; not resumable).
+    `checkpointing` the pruned blocks are kept in memory instead of a checkpoint folder (small models only;
+    not resumable).
     """
     config = config.resolved()
     checkpoint = checkpoint or _default_checkpoint(out, save)
-    _check_outputs(out, save, checkpoint if checkpointing else None, resume)
-    model, tokenizer, model_info = load_model(config.model, _DTYPES[config.dtype], config.tokenizer)
-    bos = needs_bos_per_window(model) if config.bos_per_window == "auto" else config.bos_per_window == "yes"
-    prefix, blocks = find_blocks(model)
-    layer_count = sum(len(target_linears(block, f"{prefix}.{i}")) for i, block in enumerate(blocks))
-    if layer_count == 0:
-        raise UserError(f"the decoder blocks of {type(model).__name__} contain no nn.Linear layers to prune")
-    state = _load_checkpoint(checkpoint, config, model, blocks) if resume else None
+    _check_outputs(out, save)
+    lazy = open_model(config.model, DTYPES[config.dtype], config.tokenizer)
+    bos = needs_bos_per_window(lazy.model) if config.bos_per_window == "auto" else config.bos_per_window == "yes"
+    _check_prunable(lazy)
+    _check_seqlen_fits(lazy.model, config.seqlen)
+    store = DiskStore.open(checkpoint, config.fingerprint(), resume) if checkpointing else MemoryStore()
     device = torch.device(config.device)
-    started = time.perf_counter()
+    _reset_peaks(device)
 
-    _check_seqlen_fits(model, config.seqlen)
-    if state is None:
-        samples = calibration_windows(tokenizer, config.nsamples, config.seqlen, config.seed, bos_per_window=bos)
-        dense_key = json.dumps([model_info.get("sha256", model_info.get("source")), config.eval, config.seqlen,
-                                config.eval_windows, bos, config.dtype])
-        cache = dense_cache if dense_cache is not None else {}
-        if dense_key not in cache:
-            cache[dense_key] = _evaluate(model, tokenizer, config, device, bos)
-        dense = cache[dense_key]
-        inputs = capture_block_inputs(model, blocks, samples.input_ids)
-        state = {"next_block": 0, "layers": [], "dense": dense, "calibration": samples.info,
-                 "hidden": inputs.hidden, "kwargs": inputs.kwargs, "masks": {}}
-    model.cpu()
-    state["hidden"] = stage_activations(state["hidden"], device)
-    progress = tqdm(range(state["next_block"], len(blocks)), desc="pruning blocks", unit="block")
+    dense = _dense_perplexities(lazy, config, device, bos, store, dense_cache)
+    started = time.perf_counter()
+    samples = calibration_windows(lazy.tokenizer, config.nsamples, config.seqlen, config.seed, bos_per_window=bos)
+    hidden, kwargs = _calibration_inputs(lazy, samples.input_ids, device)
+    hidden = _replay_committed(lazy, store, hidden, kwargs, device)
+    timings = []
+    progress = tqdm(range(store.next_block, len(lazy.blocks)), desc="pruning blocks", unit="block")
     for index in progress:
-        _prune_block(index, blocks[index], f"{prefix}.{index}", state, config, device)
-        state["next_block"] = index + 1
-        if checkpointing:
-            _write_checkpoint(checkpoint, config, state, blocks)
-        reductions = [row["reduction"] for row in state["layers"] if row.get("reduction") is not None]
+        hidden, timing = _prune_block(index, lazy, store, hidden, kwargs[index], config, device)
+        timings.append(timing)
+        reductions = [row["reduction"] for record in store.records for row in record["layers"]
+                      if row.get("reduction") is not None]
         if reductions:
             progress.set_postfix(mean_reduction=f"{sum(reductions) / len(reductions):.3f}")
         if stop_after_block is not None and index >= stop_after_block:
             raise KeyboardInterrupt(f"stopped after block {index} as asked")
     pruning_seconds = time.perf_counter() - started
-    del state["hidden"]   # free the activations (possibly on the GPU) before evaluating
-    pruned = _evaluate(model, tokenizer, config, device, bos)
-    results = _results(config, model_info, state, pruned, pruning_seconds, bos)
+    del hidden   # free the activations (possibly on the GPU) before evaluating
+
+    pruned = streaming_perplexities(lazy, config.eval, config.seqlen, device, bos_per_window=bos,
+                                    max_windows=config.eval_windows, overrides=store.overrides,
+                                    desc="evaluating the pruned model") if config.eval else {}
+    results = _results(config, lazy.info, store, samples.info, dense, pruned, pruning_seconds, timings, bos, device)
     if config.zero_shot:
-        results["zero_shot"] = zero_shot(model, tokenizer, config.zero_shot, device, limit=config.zero_shot_limit)
-        model.cpu()
+        model = _materialize(lazy, store, device)
+        results["zero_shot"] = zero_shot(model, lazy.tokenizer, config.zero_shot, device, limit=config.zero_shot_limit)
     if save is not None:
-        _save_model(model, tokenizer, state["masks"], results, save)
+        _save_model(lazy, store, results, save)
     if out is not None:
         write_json_atomic(out, results)
         _plot_reductions(results, out.with_suffix(".png"))
-    if checkpointing:
-        shutil.rmtree(checkpoint, ignore_errors=True)
+    store.finish()
     return results
+
+
+def _check_prunable(lazy: LazyModel) -> None:
+    layers = sum(len(target_linears(block, f"{lazy.prefix}.{i}")) for i, block in enumerate(lazy.blocks))
+    if layers == 0:
+        raise UserError(f"the decoder blocks of {type(lazy.model).__name__} contain no nn.Linear layers to prune")
 
 
 def _check_seqlen_fits(model, seqlen: int) -> None:
@@ -174,71 +176,140 @@ def _check_seqlen_fits(model, seqlen: int) -> None:
         raise UserError(f"--seqlen {seqlen} exceeds the model's {limit} positions: choose --seqlen {limit} or less")
 
 
-def _evaluate(model, tokenizer, config, device, bos) -> dict:
-    if not config.eval:
-        return {}
-    model.to(device)
+def _dense_perplexities(lazy, config, device, bos, store, dense_cache) -> dict:
+    """Measured once per (model, windows): from the checkpoint, the caller's cache, or a streaming pass."""
+    if store.dense is not None:
+        return store.dense
+    key = json.dumps([lazy.info.get("sha256", lazy.info.get("source")), config.eval, config.seqlen,
+                      config.eval_windows, bos, str(lazy.dtype)])
+    cache = dense_cache if dense_cache is not None else {}
+    if key not in cache:
+        cache[key] = streaming_perplexities(lazy, config.eval, config.seqlen, device, bos_per_window=bos,
+                                            max_windows=config.eval_windows, desc="evaluating the dense model")
+    store.save_dense(cache[key])
+    return cache[key]
+
+
+def _calibration_inputs(lazy: LazyModel, input_ids: torch.Tensor, device) -> tuple[list, list]:
+    """Block 0's inputs for every calibration window (on the GPU when they fit) and each block's kwargs."""
+    hidden_size = lazy.model.config.get_text_config().hidden_size
+    store = activation_device(device, input_ids.numel() * hidden_size * lazy.dtype.itemsize)
+    lazy.load_outer(device)
     try:
-        return evaluate_perplexities(model, tokenizer, config.eval, config.seqlen, device, bos_per_window=bos,
-                                     max_windows=config.eval_windows)
+        inputs = capture_block_inputs(lazy.model, lazy.blocks, input_ids, store)
     finally:
-        model.cpu()
+        lazy.release_outer()
+    return inputs.hidden, inputs.kwargs
 
 
-def _prune_block(index, block, name_prefix, state, config, device) -> None:
-    block.to(device)
-    layers = target_linears(block, name_prefix)
-    kwargs = state["kwargs"][index]
-    statistics = gram_matrices(block, layers, state["hidden"], kwargs, device)
-    for name, layer in layers.items():
-        row, mask, weight = prune_layer(name, layer.weight.data, statistics[name], config, device)
-        layer.weight.data.copy_(weight.to(layer.weight.dtype))
-        state["masks"][name] = mask.cpu()
-        state["layers"].append({"block": index, **row})
-    state["hidden"] = run_block(block, state["hidden"], kwargs, device)
-    block.cpu()
+def _replay_committed(lazy, store, hidden, kwargs, device) -> list:
+    """A resumed run recomputes the activations through the committed (pruned) blocks: identical to the
+    ones the interrupted run had, and far cheaper to recompute than to store."""
+    for index in tqdm(range(store.next_block), desc="replaying committed blocks", unit="block", leave=False):
+        lazy.load_block(index, device, store.overrides(index))
+        hidden = run_block(lazy.blocks[index], hidden, kwargs[index], device)
+        lazy.release_block(index)
+    return hidden
 
 
-def prune_layer(name, weight, statistics, config, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Solve one layer's problem: a pure function of (W, G, pattern, solver settings).
+class _Stopwatch:
+    """Seconds per stage, CUDA-synchronised so asynchronous kernels are charged to their own stage."""
 
-    Returns the report row, the mask and the new weight (masked, or updated by SparseGPT / least squares).
-    """
+    def __init__(self, device):
+        self.device, self.laps, self._last = device, {}, time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[stage] = now - self._last
+        self._last = now
+
+
+def _prune_block(index, lazy, store, hidden, kwargs, config, device) -> tuple[list, dict]:
+    watch = _Stopwatch(device)
+    lazy.load_block(index, device)
+    block = lazy.blocks[index]
+    layers = target_linears(block, f"{lazy.prefix}.{index}")
+    watch.lap("load_s")
+    groups = gram_groups(block, layers, hidden, kwargs, device)
+    watch.lap("gram_s")
+    rows, masks = [], {}
+    for group in groups:
+        weights = [layers[name].weight.data for name in group.names]
+        group_rows, group_masks, group_weights = prune_group(group.names, weights, group.statistics, config, device)
+        for name, mask, weight in zip(group.names, group_masks, group_weights):
+            layers[name].weight.data.copy_(weight.to(layers[name].weight.dtype))
+            masks[name] = mask
+        rows += [{"block": index, **row} for row in group_rows]
+    rows.sort(key=lambda row: list(layers).index(row["layer"]))
+    watch.lap("solve_s")
+    hidden = run_block(block, hidden, kwargs, device)
+    watch.lap("propagate_s")
+    store.commit(index, {f"{name}.weight": layer.weight.data for name, layer in layers.items()}, masks,
+                 {"block": index, "layers": rows, "timings": dict(watch.laps)})
+    lazy.release_block(index)
+    watch.lap("checkpoint_s")
+    return hidden, {"block": index, **watch.laps}
+
+
+def prune_group(names, weights, statistics, config, device) -> tuple[list[dict], list, list]:
+    """Solve the layers reading one input as one problem with their rows stacked (rows are independent, so
+    this is the same as solving each alone), then split the result per layer: a pure function of
+    (W, G, pattern, solver settings). Returns the report rows, the masks and the new weights."""
+    stacked = torch.cat([weight.to(device=device, dtype=torch.float32) for weight in weights])
     try:
-        problem = MaskProblem(weight.to(device=device, dtype=torch.float32), statistics.gram.to(device),
-                              config.sparsity, config.pattern, input_mean=statistics.mean.to(device),
-                              num_tokens=statistics.tokens, num_samples=statistics.samples, name=name,
-                              check_psd=False)
+        problem = MaskProblem(stacked, statistics.gram.to(device), config.sparsity, config.pattern,
+                              input_mean=statistics.mean.to(device), num_tokens=statistics.tokens,
+                              num_samples=statistics.samples, name="+".join(names), check_psd=False)
     except ProblemError as error:
-        raise UserError(f"layer {name}: {error}") from None
+        raise UserError(f"layer {names[0]}: {error}") from None
     chain = [config.warm_start, config.solver] if config.warm_start else [config.solver]
     result = solve(problem, chain, **config.solver_options)   # on the problem's device
-    mask = result.mask
-    new_weight = result.extra.get("weight", problem.weight * mask)
-    dense_energy = float(problem.objective(torch.zeros_like(mask)).sum())
-    warm = result.extra.get("warm_start_objective")
-    row = {"layer": name, "shape": list(problem.weight.shape), "pattern": str(problem.pattern),
-           "solver": "+".join(chain), "objective": result.objective, "relative_error": result.objective / dense_energy,
-           "warm_start_objective": warm, "reduction": None if not warm else 1 - result.objective / warm,
-           "swaps": result.extra.get("swaps_total"), "termination": result.termination.value,
-           "time_s": result.runtime_s}
-    if "reconstruction_error" in result.extra:
-        row["reconstruction_error"] = result.extra["reconstruction_error"]
+    new_weight = result.extra.get("weight", problem.weight * result.mask)
+    reconstruction = result.extra.get("row_reconstruction_error")
     if config.update_weights:
-        new_weight = least_squares_update(problem, mask)
-        row["reconstruction_error"] = float(problem.reconstruction_error(new_weight).sum())
-    return row, mask, new_weight
+        new_weight = least_squares_update(problem, result.mask)
+        reconstruction = problem.reconstruction_error(new_weight)
+    dense_energy = problem.objective(torch.zeros_like(result.mask))
+    warm = result.extra.get("warm_start_row_objective")
+    swaps = result.extra.get("swaps")
+    rows, masks, new_weights, start = [], [], [], 0
+    for name, weight in zip(names, weights):
+        span = slice(start, start + weight.shape[0])
+        start = span.stop
+        objective = float(result.row_objective[span].sum())
+        warm_objective = None if warm is None else float(warm[span].sum())
+        row = {"layer": name, "shape": list(weight.shape), "pattern": str(problem.pattern),
+               "solver": "+".join(chain), "objective": objective,
+               "relative_error": objective / float(dense_energy[span].sum()),
+               "warm_start_objective": warm_objective,
+               "reduction": None if not warm_objective else 1 - objective / warm_objective,
+               "swaps": None if swaps is None else int(swaps[span].sum()),
+               "termination": result.termination.value,
+               "time_s": result.runtime_s * weight.shape[0] / problem.rows,
+               "shares_input_with": [other for other in names if other != name]}
+        if reconstruction is not None:
+            row["reconstruction_error"] = float(reconstruction[span].sum())
+        if "dtype" in result.extra:
+            row["scan_dtype"] = result.extra["dtype"]
+        rows.append(row)
+        masks.append(result.mask[span])
+        new_weights.append(new_weight[span])
+    return rows, masks, new_weights
 
 
 def least_squares_update(problem: MaskProblem, mask: torch.Tensor, damping: float = 1e-6,
-                         batch_rows: int = 64) -> torch.Tensor:
-    """Kept weights of each row re-fitted by least squares: w'_K = G_KK⁻¹ (G w)_K, w'_¬K = 0."""
+                         budget_bytes: int = 1 << 30) -> torch.Tensor:
+    """Kept weights of each row re-fitted by least squares: w'_K = G_KK⁻¹ (G w)_K, w'_¬K = 0. Rows are
+    solved in batches whose dense kept-by-kept systems fit `budget_bytes`."""
     gram = problem.gram.to(torch.float64)
     gram = gram + damping * gram.diagonal().mean() * torch.eye(problem.d, dtype=gram.dtype, device=gram.device)
     weight = problem.weight.to(torch.float64)
     target = weight @ gram
     updated = torch.zeros_like(weight)
     kept = problem.keep
+    batch_rows = max(1, budget_bytes // (2 * kept * kept * gram.element_size()))
     for start in range(0, problem.rows, batch_rows):
         rows = slice(start, start + batch_rows)
         index = pruned_first(~mask[rows])[:, :kept]   # the kept entries, ascending
@@ -248,68 +319,62 @@ def least_squares_update(problem: MaskProblem, mask: torch.Tensor, damping: floa
     return updated.to(problem.weight.dtype)
 
 
+def _materialize(lazy: LazyModel, store, device) -> torch.nn.Module:
+    """The whole pruned model on `device`, for zero-shot evaluation; a clear error when it cannot fit."""
+    size = sum(lazy.block_bytes(i) for i in range(len(lazy.blocks)))
+    if device.type == "cuda" and size > torch.cuda.mem_get_info(device)[0]:
+        raise UserError(f"zero-shot evaluation needs the whole model on the GPU ({size / 2**30:.1f} GiB of weights), "
+                        f"more than is free on {device}: drop --zero-shot, or evaluate the saved model on a larger GPU")
+    overrides = {}
+    for index in range(len(lazy.blocks)):
+        overrides |= store.overrides(index)
+    return lazy.materialize(device, overrides)
+
+
 # ---- checkpoints -------------------------------------------------------------------------------------
 def _default_checkpoint(out: Path | None, save: Path | None) -> Path:
     base = out if out is not None else (save if save is not None else Path("sparseswaps-run"))
     return base.with_name(base.name + ".checkpoint")
 
 
-def _check_outputs(out, save, checkpoint, resume) -> None:
+def _check_outputs(out, save) -> None:
     for path in (out, save):
         if path is not None and path.exists():
             raise UserError(f"{path} already exists: choose another path or remove it (nothing is overwritten)")
-    if checkpoint is None:
-        return
-    if resume and not (checkpoint / "state.json").is_file():
-        raise UserError(f"--resume: no checkpoint at {checkpoint} to resume from")
-    if not resume and checkpoint.exists():
-        raise UserError(f"an interrupted run left a checkpoint at {checkpoint}: pass --resume to continue it, "
-                        "or remove it to start over")
 
 
-def _write_checkpoint(path: Path, config: PruneConfig, state: dict, blocks: nn.ModuleList) -> None:
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    index = state["next_block"] - 1
-    block_state = {k: v.detach().cpu().contiguous() for k, v in blocks[index].state_dict().items()}
-    save_file(block_state, str(path / f"block_{index}.safetensors"))
-    torch.save({"hidden": [states.cpu() for states in state["hidden"]], "kwargs": state["kwargs"],
-                "masks": state["masks"]},
-               path / "tensors.pt.tmp")
-    os.replace(path / "tensors.pt.tmp", path / "tensors.pt")
-    meta = {k: v for k, v in state.items() if k not in ("hidden", "kwargs", "masks")}
-    write_json_atomic(path / "state.json", {"fingerprint": config.fingerprint(), **meta})
+def _reset_peaks(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
-def _load_checkpoint(path: Path, config: PruneConfig, model, blocks) -> dict:
-    from safetensors.torch import load_file
-
-    meta = json.loads((path / "state.json").read_text())
-    if meta.pop("fingerprint") != config.fingerprint():
-        raise UserError(f"the checkpoint at {path} was made with a different configuration: resume with the "
-                        "same arguments, or remove it to start over")
-    for index in range(meta["next_block"]):
-        blocks[index].load_state_dict(load_file(str(path / f"block_{index}.safetensors")))
-    tensors = torch.load(path / "tensors.pt", weights_only=False)
-    return {**meta, **tensors}
+def peak_memory(device) -> dict:
+    """Peak host RSS of this process and peak GPU memory allocated by torch, in GiB."""
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # kilobytes on Linux
+    gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"peak_host_gib": host, "peak_gpu_gib": gpu}
 
 
 # ---- outputs -----------------------------------------------------------------------------------------
-def _results(config, model_info, state, pruned, seconds, bos) -> dict:
-    layers = state["layers"]
+def _results(config, model_info, store, calibration, dense, pruned, seconds, timings, bos, device) -> dict:
+    """`timings` are this process's blocks (with checkpoint time); earlier processes' blocks of a resumed run
+    report the stages their commit records hold."""
+    layers = [row for record in store.records for row in record["layers"]]
+    measured = {timing["block"]: timing for timing in timings}
+    blocks = [measured.get(record["block"], {"block": record["block"], **record["timings"]}) for record in store.records]
     reductions = [row["reduction"] for row in layers if row["reduction"] is not None]
     return {
         "config": dataclasses.asdict(config),
         "model": model_info,
         "bos_per_window": bos,
         "data": provenance(("c4-train",) + tuple(config.eval)),
-        "calibration": state["calibration"],
-        "perplexity": {"dense": state["dense"], "pruned": pruned},
+        "calibration": calibration,
+        "perplexity": {"dense": dense, "pruned": pruned},
         "summary": {"layers": len(layers),
                     "mean_reduction": sum(reductions) / len(reductions) if reductions else None,
                     "total_swaps": sum(row["swaps"] or 0 for row in layers),
-                    "pruning_seconds": seconds},
+                    "pruning_seconds": seconds, **peak_memory(device)},
+        "blocks": blocks,
         "layers": layers,
         "environment": environment(),
     }
@@ -340,21 +405,38 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(temporary, path)
+def _save_model(lazy: LazyModel, store, results: dict, save: Path) -> None:
+    """A Hugging Face folder (config, tokenizer, one safetensors shard per block plus one for the rest, the
+    shard index), `masks.safetensors` (bit-packed) and the report, written block by block beside `save` and
+    renamed into place, so a crash never leaves a folder that looks complete."""
+    import shutil
 
-
-def _save_model(model, tokenizer, masks: dict, results: dict, save: Path) -> None:
-    from safetensors.torch import save_file
-
-    def write_masks_and_report(folder: Path) -> None:
-        save_file({name: mask.contiguous() for name, mask in masks.items()}, str(folder / "masks.safetensors"))
-        write_json_atomic(folder / "sparseswaps.json", results)
-
-    write_model_folder(model, tokenizer, save, write_masks_and_report)
+    partial = save.with_name(save.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    lazy.model.config.save_pretrained(partial)
+    if (lazy.folder / "generation_config.json").is_file():
+        shutil.copy(lazy.folder / "generation_config.json", partial)
+    lazy.tokenizer.save_pretrained(partial)
+    count = len(lazy.blocks) + 1
+    weight_map, total, masks = {}, 0, {}
+    for shard, index in enumerate(tqdm(range(-1, len(lazy.blocks)), desc="saving", unit="shard", leave=False)):
+        names = lazy.outer_names() if index < 0 else lazy.block_names(index)
+        tensors = lazy.read(names) | (store.overrides(index) if index >= 0 else {})
+        on_disk = {}
+        for name in names:   # tied tensors are stored once, under their source's key
+            on_disk.setdefault(lazy.sources[name][1], tensors[name])
+        filename = f"model-{shard + 1:05d}-of-{count:05d}.safetensors"
+        write_safetensors_atomic(partial / filename, on_disk, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(on_disk, filename)
+        total += sum(t.numel() * t.element_size() for t in on_disk.values())
+        if index >= 0:
+            masks |= store.masks(index)
+    write_json_atomic(partial / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_masks(partial / "masks.safetensors", masks)
+    write_json_atomic(partial / "sparseswaps.json", results)
+    partial.rename(save)
 
 
 def _plot_reductions(results: dict, path: Path) -> None:

@@ -67,7 +67,7 @@ def test_out_of_memory_halves_the_batch(monkeypatch):
 
 def test_pipeline_on_cuda_matches_cpu(tmp_path):
     """Activations staged on the GPU give the CPU run's masks and perplexities (tiny Gemma-3: per-block kwargs)."""
-    from safetensors.torch import load_file
+    from sparseswaps.checkpoint import load_masks
     from sparseswaps.pipeline import PruneConfig, prune_model
     from tiny_models import save_tiny
 
@@ -75,7 +75,7 @@ def test_pipeline_on_cuda_matches_cpu(tmp_path):
     settings = dict(model=str(tiny), sparsity=0.5, nsamples=4, seqlen=64, eval=("wikitext2",), eval_windows=4)
     runs = {device: prune_model(PruneConfig(device=device, **settings), save=tmp_path / device, checkpointing=False)
             for device in ("cpu", "cuda")}
-    cpu, cuda = (load_file(str(tmp_path / d / "masks.safetensors")) for d in ("cpu", "cuda"))
+    cpu, cuda = (load_masks(tmp_path / d / "masks.safetensors") for d in ("cpu", "cuda"))
     agreement = sum(int((cpu[k] == cuda[k]).sum()) for k in cpu) / sum(m.numel() for m in cpu.values())
     assert agreement > 0.99   # float32 Grams summed in another order may flip near-ties
     for corpus, entry in runs["cpu"]["perplexity"]["pruned"].items():

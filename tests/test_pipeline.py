@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from sparseswaps import cli
+from sparseswaps.checkpoint import load_masks
 from sparseswaps.data import evaluation_windows
 from sparseswaps.evaluate import perplexity
 from sparseswaps.models import load_model
@@ -26,7 +27,7 @@ def test_prune_end_to_end_save_and_reload(tiny, tmp_path):
     results = prune_model(PruneConfig(model=str(tiny), pattern="2:4", **QUICK), out, save)
     assert json.loads(out.read_text())["summary"]["layers"] == len(results["layers"]) > 0
     assert out.with_suffix(".png").is_file()
-    masks = load_file(str(save / "masks.safetensors"))
+    masks = load_masks(save / "masks.safetensors")
     for name, mask in masks.items():
         assert (mask.view(mask.shape[0], -1, 4).sum(2) == 2).all(), name
     assert all(row["objective"] <= row["warm_start_objective"] for row in results["layers"])
@@ -50,8 +51,18 @@ def test_resume_gives_the_same_result(tmp_path):
         prune_model(config, tmp_path / "b.json", tmp_path / "b")
     resumed = prune_model(config, tmp_path / "b.json", tmp_path / "b", resume=True)
     assert resumed["perplexity"] == reference["perplexity"]
-    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_folders(tmp_path / "a", tmp_path / "b")
+
+
+def assert_same_folders(a, b):
+    """Two saved pruned models hold the same tensors and masks."""
+    shards = sorted(path.name for path in a.glob("model-*.safetensors"))
+    assert shards and shards == sorted(path.name for path in b.glob("model-*.safetensors"))
+    for shard in shards:
+        first, second = load_file(str(a / shard)), load_file(str(b / shard))
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    first, second = load_masks(a / "masks.safetensors"), load_masks(b / "masks.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_dense_perplexity_matches_an_independent_computation(tiny):
@@ -89,20 +100,19 @@ def test_unknown_model_path(tmp_path, capsys):
     assert code == 2 and "neither a local folder nor a .gguf file" in err
 
 
-def test_model_without_linear_layers(tmp_path, capsys, monkeypatch):
-    from tiny_models import tiny_model, tiny_tokenizer
+def test_model_without_linear_layers(tiny, tmp_path, capsys, monkeypatch):
+    from sparseswaps.models import open_model
 
     class Packed(torch.nn.Linear):
         """Stands in for a packed/quantised linear that must not be pruned."""
 
-    model = tiny_model("llama")
-    for block in model.model.layers:
+    lazy = open_model(str(tiny))
+    for block in lazy.blocks:
         for module in block.modules():
             if type(module) is torch.nn.Linear:
                 module.__class__ = Packed
-    monkeypatch.setattr("sparseswaps.pipeline.load_model",
-                        lambda spec, dtype, tokenizer: (model, tiny_tokenizer(), {}))
-    code, err = run_cli(["prune", "--model", "x", "--nsamples", "2"], capsys)
+    monkeypatch.setattr("sparseswaps.pipeline.open_model", lambda spec, dtype, tokenizer: lazy)
+    code, err = run_cli(["prune", "--model", "x", "--nsamples", "2", "--out", str(tmp_path / "r.json")], capsys)
     assert code == 2 and "contain no nn.Linear layers" in err
 
 
