@@ -14,6 +14,17 @@ improves are scanned again in float32, so a row stops only at a float32 local op
 is not guaranteed to pick the best pair each iteration (benchmarks/results/bench_swaps_half.md measures
 how often it does).
 
+swaps_per_scan=K > 1 takes up to K - 1 further swaps per full scan: the scan's K best candidate columns j
+(its per-tile minima), each re-scored over every pruned i on the current state in float64 and applied only
+if it still improves. Every applied swap is an exact improving 1-swap and a row still stops only when a
+full scan finds none, but the path differs from the paper's best improvement (swaps_per_scan=1, the
+default); benchmarks/results/swaps_per_scan.md compares the two.
+
+dtype="auto" (the default) takes the float16 filter where it was measured faster, per-row patterns on CUDA
+with Gluon for rows of at least `HALF_MIN_WIDTH` inputs (LLaMA-7B shapes; benchmarks/results/
+bench_swaps_half.md), and float32 elsewhere (it was slower on SmolLM2's 576-wide layers); the result's
+extra["dtype"] records the choice.
+
 Ties between equal Δ go to the smallest (i, j) in row-major order, identically on every device.
 """
 from __future__ import annotations
@@ -55,9 +66,9 @@ def masked_swap_terms(w, mask, c, gram) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(mask, torch.inf, a), torch.where(mask, b, torch.inf)
 
 
-def scan_per_row(w, mask, c, gram, pattern) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best (Δ, i, j) of each row over every (pruned i, kept j) pair: dense, batched torch."""
-    rows, d = w.shape
+def dense_deltas(w, mask, c, gram) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δ of every (pruned i, j) pair [rows, p, d] (+inf where j is not kept) and the pruned indices [rows, p]."""
+    d = w.shape[1]
     restore, prune = masked_swap_terms(w, mask, c, gram)
     pruned_count = d - int(mask[0].sum())
     # Pruned indices in ascending order, so the flattened argmin breaks ties at the smallest (i, j).
@@ -67,9 +78,37 @@ def scan_per_row(w, mask, c, gram, pattern) -> tuple[torch.Tensor, torch.Tensor,
     delta = gram[pruned_idx]                                   # [rows, p, d]: G_ij
     delta.mul_(w.unsqueeze(1)).mul_(w_i.unsqueeze(2) * -2)
     delta.add_(a_i.unsqueeze(2)).add_(prune.unsqueeze(1))
+    return delta, pruned_idx
+
+
+def scan_per_row(w, mask, c, gram, pattern) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best (Δ, i, j) of each row over every (pruned i, kept j) pair: dense, batched torch."""
+    rows, d = w.shape
+    delta, pruned_idx = dense_deltas(w, mask, c, gram)
     best, flat = delta.view(rows, -1).min(1)
     i = torch.gather(pruned_idx, 1, (flat // d).unsqueeze(1)).squeeze(1)
     return best, i, flat % d
+
+
+def scan_candidates_torch(w, mask, c, gram, pattern, k: int):
+    """`scan_per_row`'s best (Δ, i, j) and each row's k best columns j by their best pair [rows, k]."""
+    rows, d = w.shape
+    delta, pruned_idx = dense_deltas(w, mask, c, gram)
+    best, flat = delta.view(rows, -1).min(1)
+    i = torch.gather(pruned_idx, 1, (flat // d).unsqueeze(1)).squeeze(1)
+    top = delta.min(1).values.topk(min(k, d), 1, largest=False).indices
+    return best, i, flat % d, top
+
+
+def scan_candidates_half(w, mask, c, gram, pattern, k: int):
+    """The float16 filter's best pair (as `scan_filtered`) and its k best candidate columns."""
+    best, i, j, top = swaps_triton.scan_candidates(w, mask, c, gram, k=max(k, FILTER_CANDIDATES), half=True,
+                                                   shortlist=FILTER_CANDIDATES)
+    stuck = (best >= 0).nonzero().flatten()
+    if len(stuck):
+        best[stuck], i[stuck], j[stuck] = swaps_triton.scan_per_row_triton(w[stuck], mask[stuck], c[stuck], gram,
+                                                                           pattern)
+    return best, i, j, top
 
 
 def scan_nm(w, mask, c, gram, pattern: NM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,6 +206,21 @@ def choose_scan(pattern, device: torch.device, engine: str = "auto",
 ENGINES = ("auto", "torch", "numba", "triton")
 
 
+def choose_candidate_scan(pattern, device: torch.device, engine: str, dtype: torch.dtype, k: int) -> tuple[ScanFn, bool]:
+    """For swaps_per_scan = k > 1: a scan that also returns each row's k best candidate columns."""
+    if isinstance(pattern, NM):
+        raise UserError("swaps_per_scan > 1 applies to per-row sparsity; N:M swaps stay in their group, use 1")
+    scan, dense = choose_scan(pattern, device, engine, dtype)
+    if dtype == torch.float16:
+        return partial(scan_candidates_half, k=k), False
+    if scan is swaps_triton.scan_per_row_triton:
+        return partial(swaps_triton.scan_candidates, k=k), False
+    if scan is scan_per_row:
+        return partial(scan_candidates_torch, k=k), True
+    raise UserError("swaps_per_scan > 1 needs the torch engine on the CPU (engine='torch') or the Triton "
+                    "engine on CUDA, which return candidate columns; the numba engine returns only the best pair")
+
+
 def exact_deltas(w64, c64, gram64, i, j) -> torch.Tensor:
     """Δ of the chosen swap of each row, recomputed in float64 from the float64 state."""
     rows = torch.arange(len(i), device=w64.device)
@@ -195,12 +249,17 @@ def batch_rows_for(d: int, pattern, itemsize: int, device: torch.device, dense: 
 
 def refine(problem: MaskProblem, mask: torch.Tensor, *, max_iters: int = 100, batch_rows: int | None = None,
            device=None, dtype: torch.dtype = torch.float32, time_limit: float | None = None,
-           engine: str = "auto") -> Solution:
+           engine: str = "auto", swaps_per_scan: int = 1) -> Solution:
     """Run 1-swap refinement of `mask` on `problem`; the driver shared by every scan implementation."""
     if max_iters < 0:
         raise UserError(f"max_iters must be >= 0, got {max_iters}")
+    if not isinstance(swaps_per_scan, int) or swaps_per_scan < 1:
+        raise UserError(f"swaps_per_scan must be a whole number >= 1, got {swaps_per_scan!r}")
     device = torch.device(device) if device is not None else problem.device
-    scan, dense = choose_scan(problem.pattern, device, engine, dtype)
+    if swaps_per_scan > 1:
+        scan, dense = choose_candidate_scan(problem.pattern, device, engine, dtype, swaps_per_scan)
+    else:
+        scan, dense = choose_scan(problem.pattern, device, engine, dtype)
     dtype = torch.float32 if dtype == torch.float16 else dtype    # float16 is only the filter's arithmetic
     gram = problem.gram.to(device=device, dtype=dtype)
     gram64 = problem.gram.to(device=device, dtype=torch.float64)
@@ -272,8 +331,10 @@ def _refine_batch(w64, mask, swaps, done, converged, gram, gram64, pattern, max_
             stats["timed_out"] = True
             return
         stats["pairs_evaluated"] += len(ids) * pairs
-        best, i, j = scan(w, work_mask, c64, gram, pattern)
+        best, i, j, *candidates = scan(w, work_mask, c64, gram, pattern)
         going_on = _settle(best, i, j, w64, c64, gram64, work_mask, mask, ids, swaps, converged, done, max_iters)
+        if candidates:
+            _candidate_swaps(candidates[0], ~converged[ids], w64, c64, gram64, work_mask, mask, ids, swaps)
         if not bool(going_on.all()):
             ids, w, w64, work_mask, c64 = (t[going_on] for t in (ids, w, w64, work_mask, c64))
 
@@ -294,6 +355,21 @@ def _settle(best, i, j, w64, c64, gram64, work_mask, mask, ids, swaps, converged
     return improving & (done[ids] < max_iters)
 
 
+def _candidate_swaps(top, active, w64, c64, gram64, work_mask, mask, ids, swaps) -> None:
+    """After a scan's best swap: each candidate column j in turn, with its best pruned i on the current
+    state, applied where Δ < 0 in float64 (an exact improving 1-swap, whatever the scan thought)."""
+    rows = torch.arange(len(ids), device=w64.device)
+    for column in top.unbind(1):
+        restore, prune = masked_swap_terms(w64, work_mask, c64, gram64)
+        delta = restore + prune[rows, column, None] - 2 * w64 * w64[rows, column, None] * gram64[column]
+        best, i = delta.min(1)
+        improving = active & (best < 0)
+        apply_swaps(work_mask, c64, w64, gram64, i, column, improving)
+        mask[ids, i] |= improving
+        mask[ids, column] &= ~improving
+        swaps[ids] += improving
+
+
 @register("swaps")
 class SwapsSolver(Solver):
     """Exact best 1-swaps from a warm start (default: Wanda's mask). CPU or CUDA (option `device`)."""
@@ -301,16 +377,29 @@ class SwapsSolver(Solver):
     warm_start = True
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, max_iters: int = 100,
-              batch_rows: int | None = None, device: str | None = None, dtype: str = "float32",
-              engine: str = "auto") -> Solution:
+              batch_rows: int | None = None, device: str | None = None, dtype: str = "auto",
+              engine: str = "auto", swaps_per_scan: int = 1) -> Solution:
         if warm_start is None:
             warm_start = mask_from_scores(problem.wanda_scores(), problem.pattern)
-        return refine(problem, warm_start, max_iters=max_iters, batch_rows=batch_rows, device=device,
-                      dtype=_dtype(dtype), time_limit=time_limit, engine=engine)
+        device = torch.device(device) if device is not None else problem.device
+        scan_dtype = _dtype(dtype, problem, device, engine)
+        solution = refine(problem, warm_start, max_iters=max_iters, batch_rows=batch_rows, device=device,
+                          dtype=scan_dtype, time_limit=time_limit, engine=engine, swaps_per_scan=swaps_per_scan)
+        solution.extra["dtype"] = str(scan_dtype).removeprefix("torch.")
+        return solution
 
 
-def _dtype(name: str) -> torch.dtype:
-    choices = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
-    if name not in choices:
-        raise UserError(f"dtype must be one of {', '.join(choices)}, got {name!r}")
-    return choices[name]
+# Narrowest rows for which dtype="auto" takes the float16 filter (measured faster at 4096 and wider,
+# slower at 576; Gemma-3-270M's 2048-wide rows keep float32, as its committed table was made).
+HALF_MIN_WIDTH = 4096
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
+
+
+def _dtype(name: str, problem: MaskProblem, device: torch.device, engine: str) -> torch.dtype:
+    if name == "auto":
+        half = (device.type == "cuda" and isinstance(problem.pattern, PerRow) and problem.d >= HALF_MIN_WIDTH
+                and engine in ("auto", "triton") and swaps_triton.GLUON)
+        return torch.float16 if half else torch.float32
+    if name not in _DTYPES:
+        raise UserError(f"dtype must be one of auto, {', '.join(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]

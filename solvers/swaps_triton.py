@@ -414,6 +414,26 @@ def scan_per_row_triton(w, mask, c, gram, pattern, kernel: str = "auto"):
     return rescore(w, terms, gram, j.long())
 
 
+def scan_candidates(w, mask, c, gram, pattern=None, k: int = 8, half: bool = False, shortlist: int = 4):
+    """One scan's best (Δ, i, j) per row (float32: `scan_per_row_triton`'s pair; float16: the best of the
+    first `shortlist` candidates re-scored in float32, as `half_shortlist`) and the row's k best candidate columns j [rows, k], by the
+    per-tile minima, best first. Slots no tile wrote give column 0, which the caller re-checks like any."""
+    if half:
+        terms = scan_terms(w, mask, c, gram, half=True)
+        tile_val, tile_j = _launch(_low_kernel_gluon_half, terms, _half_gram(gram)[0])
+    else:
+        terms = scan_terms(w, mask, c, gram)
+        tile_val, tile_j = _launch(_choose_kernel("auto"), terms, gram)
+    tile_val, tile_j = tile_val[: len(w)], tile_j[: len(w)]
+    order = tile_val.topk(min(k, tile_val.shape[1]), 1, largest=False).indices
+    top = tile_j.gather(1, order).long()
+    if half:
+        best, i, j = rescore(w, terms, gram, top[:, :shortlist].sort(1).values)
+    else:
+        best, i, j = rescore(w, terms, gram, tile_j.gather(1, tile_val.argmin(1, keepdim=True)).long())
+    return best, i, j, top
+
+
 def tile_minima(w, mask, c, gram, half: bool = False) -> torch.Tensor:
     """[rows, 2 slots]: each row's two smallest min_i Δ_ij per 64 columns j, from the Gluon kernel in float32
     or in float16 (an estimate)."""

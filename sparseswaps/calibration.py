@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -150,6 +151,19 @@ def run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, device
         for states in hidden:
             outputs.append(_block_output(block(states.to(device), **kwargs)).detach().to(states.device))
     return outputs
+
+
+@contextmanager
+def recording_inputs(layers: dict[str, nn.Linear], device, dtype=torch.float32):
+    """Forward hooks accumulating each layer's own input statistics while a model runs (instance extraction);
+    yields the accumulators."""
+    accumulators = {name: GramAccumulator(layer.in_features, device, dtype) for name, layer in layers.items()}
+    handles = [layer.register_forward_hook(accumulators[name].hook) for name, layer in layers.items()]
+    try:
+        yield accumulators
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class SharedInputs:

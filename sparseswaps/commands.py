@@ -109,26 +109,26 @@ def add_evaluate(commands) -> None:
 
 
 def run_evaluate(args) -> int:
-    from .evaluate import evaluate_perplexities
-    from .models import load_model, needs_bos_per_window
-    from .pipeline import resolve_device, write_json_atomic, environment
+    from .evaluate import streaming_perplexities
+    from .models import needs_bos_per_window, open_model
+    from .pipeline import materialize_whole, environment, resolve_device, write_json_atomic
     from .zeroshot import check_tasks, zero_shot, zero_shot_table
 
     if args.out is not None and args.out.exists():
         raise UserError(f"{args.out} already exists: choose another path or remove it (nothing is overwritten)")
     tasks = check_tasks(args.zero_shot or ())
     device = resolve_device(args.device)
-    model, tokenizer, info = load_model(args.model, tokenizer=args.tokenizer)
-    bos = needs_bos_per_window(model) if args.bos_per_window == "auto" else args.bos_per_window == "yes"
-    model.to(device)
-    results = {"command": "sparseswaps evaluate " + " ".join(args.argv), "model": info, "seqlen": args.seqlen,
-               "perplexity": evaluate_perplexities(model, tokenizer, args.eval, args.seqlen, device, bos_per_window=bos,
-                                                   max_windows=args.eval_windows or None),
+    lazy = open_model(args.model, tokenizer=args.tokenizer)
+    bos = needs_bos_per_window(lazy.model) if args.bos_per_window == "auto" else args.bos_per_window == "yes"
+    results = {"command": "sparseswaps evaluate " + " ".join(args.argv), "model": lazy.info, "seqlen": args.seqlen,
+               "perplexity": streaming_perplexities(lazy, args.eval, args.seqlen, device, bos_per_window=bos,
+                                                    max_windows=args.eval_windows or None),
                "environment": environment()}
     for corpus, entry in results["perplexity"].items():
         print(f"{corpus}: ppl {entry['ppl']:.3f} over {entry['windows']} windows")
     if tasks:
-        results["zero_shot"] = zero_shot(model, tokenizer, tasks, device, limit=args.zero_shot_limit)
+        model = materialize_whole(lazy, {}, device)
+        results["zero_shot"] = zero_shot(model, lazy.tokenizer, tasks, device, limit=args.zero_shot_limit)
         print(zero_shot_table({"model": results["zero_shot"]}))
     if args.out is not None:
         write_json_atomic(args.out, results)

@@ -153,7 +153,7 @@ def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None 
                                     desc="evaluating the pruned model") if config.eval else {}
     results = _results(config, lazy.info, store, samples.info, dense, pruned, pruning_seconds, timings, bos, device)
     if config.zero_shot:
-        model = _materialize(lazy, store, device)
+        model = materialize_whole(lazy, _all_overrides(lazy, store), torch.device(device))
         results["zero_shot"] = zero_shot(model, lazy.tokenizer, config.zero_shot, device, limit=config.zero_shot_limit)
     if save is not None:
         _save_model(lazy, store, results, save)
@@ -319,15 +319,22 @@ def least_squares_update(problem: MaskProblem, mask: torch.Tensor, damping: floa
     return updated.to(problem.weight.dtype)
 
 
-def _materialize(lazy: LazyModel, store, device) -> torch.nn.Module:
-    """The whole pruned model on `device`, for zero-shot evaluation; a clear error when it cannot fit."""
-    size = sum(lazy.block_bytes(i) for i in range(len(lazy.blocks)))
-    if device.type == "cuda" and size > torch.cuda.mem_get_info(device)[0]:
-        raise UserError(f"zero-shot evaluation needs the whole model on the GPU ({size / 2**30:.1f} GiB of weights), "
-                        f"more than is free on {device}: drop --zero-shot, or evaluate the saved model on a larger GPU")
+def _all_overrides(lazy: LazyModel, store) -> dict:
     overrides = {}
     for index in range(len(lazy.blocks)):
         overrides |= store.overrides(index)
+    return overrides
+
+
+def materialize_whole(lazy: LazyModel, overrides: dict, device) -> torch.nn.Module:
+    """The whole model on `device`, for zero-shot evaluation (lm-eval needs it); a clear error when the
+    blocks cannot fit on the GPU, since perplexity streams but zero-shot does not."""
+    device = torch.device(device)
+    size = sum(lazy.block_bytes(i) for i in range(len(lazy.blocks)))
+    if device.type == "cuda" and size > torch.cuda.mem_get_info(device)[0]:
+        raise UserError(f"zero-shot evaluation needs the whole model on the GPU ({size / 2**30:.1f} GiB of weights), "
+                        f"more than is free on {device}: drop --zero-shot (perplexity streams block by block), or "
+                        "evaluate the saved model on a larger GPU")
     return lazy.materialize(device, overrides)
 
 

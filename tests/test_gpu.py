@@ -142,3 +142,31 @@ def test_float16_refinement_stops_at_a_float32_local_optimum(spec):
     again = ss.solve(problem, "swaps", warm_start=half.mask, max_iters=1000)
     assert again.extra["swaps_total"] == 0            # the exact float32 scan finds no improving swap either
     assert abs(half.objective - exact.objective) <= 0.01 * exact.objective
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_several_swaps_per_scan_on_cuda_end_at_a_float32_local_optimum_in_fewer_scans(dtype):
+    from solvers.swaps import scan_per_row
+
+    problem, _ = make_problem("outliers", rows=48, d=256, seed=4, sparsity=0.5)
+    problem = ss.MaskProblem(problem.weight.float().cuda(), problem.gram.float().cuda(), sparsity=0.5)
+    start = ss.solve(problem, "wanda").mask
+    paper = ss.solve(problem, "swaps", warm_start=start, max_iters=2000, dtype=dtype)
+    several = ss.solve(problem, "swaps", warm_start=start, max_iters=2000, dtype=dtype, swaps_per_scan=8)
+    assert several.termination == paper.termination == ss.Termination.LOCAL_OPTIMUM
+    assert several.extra["iterations"] < paper.extra["iterations"]
+    assert several.objective <= ss.solve(problem, "wanda").objective
+    w = problem.weight.double()
+    c = (w * ~several.mask) @ problem.gram.double()
+    best, _, _ = scan_per_row(w.float(), several.mask, c, problem.gram, problem.pattern)
+    assert (best >= -1e-4 * several.row_objective.float().clamp_min(1e-12)).all()
+
+
+def test_scan_dtype_auto_takes_the_float16_filter_for_wide_rows_on_cuda():
+    from solvers.swaps import HALF_MIN_WIDTH
+    from solvers.swaps_triton import GLUON
+
+    for d, expected in ((576, "float32"), (HALF_MIN_WIDTH, "float16" if GLUON else "float32")):
+        w, mask, _, gram = random_state(4, d, d // 2, 0)
+        problem = ss.MaskProblem(w, gram, sparsity=0.5)
+        assert ss.solve(problem, "swaps", max_iters=2).extra["dtype"] == expected

@@ -1,0 +1,193 @@
+"""The whole pruning run at LLM scale: Llama-3-8B- and -70B-shaped models through the real CLI.
+
+The models have the real shapes (hidden 4096 / MLP 14336 / 32 heads, 8 KV heads, 32 blocks; hidden 8192 /
+MLP 28672 / 64 heads, 8 KV heads, a few of the 80 blocks) and random weights from a config, written as
+sharded bf16 safetensors: right for time and memory, meaningless for perplexity. Each method runs as
+`python -m sparseswaps prune` in its own process, so its peak host RSS is its own; the JSON keeps, per run,
+the shape, the blocks, the method, pruning seconds, peak host and GPU memory and the per-block stages
+(load, Gram accumulation, solve, propagation, checkpoint) from the run's own report.
+
+    python benchmarks/bench_pipeline.py --tokenizer TOKDIR --work /tmp/bench --out benchmarks/results/bench_pipeline.json
+    python benchmarks/bench_pipeline.py --shape tiny --tokenizer TOKDIR ...   # a CPU smoke run
+
+Any tokenizer serves random weights (SmolLM2's is 3.4 MB): its ids are below every shape's vocabulary.
+The 70B-shaped whole-model time is extrapolated from the measured blocks (80 / blocks times the block
+loop) and says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      vocab_size=128256, full_blocks=32),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                       vocab_size=128256, full_blocks=80),
+    "tiny": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=49152, full_blocks=2),
+}
+# method -> CLI arguments (warm start and solver)
+METHODS = {"wanda": ["--warm-start", "none", "--solver", "wanda"],
+           "sparsegpt": ["--warm-start", "none", "--solver", "sparsegpt"],
+           "wanda+swaps": ["--warm-start", "wanda", "--solver", "swaps"]}
+
+
+def llama_config(shape: str, blocks: int):
+    from transformers import LlamaConfig
+
+    dims = {k: v for k, v in SHAPES[shape].items() if k != "full_blocks"}
+    return LlamaConfig(num_hidden_layers=blocks, max_position_embeddings=8192, rope_theta=500000.0,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16", **dims)
+
+
+def build_random_model(shape: str, blocks: int, folder: Path, tokenizer: Path, device: str) -> Path:
+    """A sharded bf16 checkpoint (one shard per block) of random weights, std 0.02 and unit norms as
+    transformers initialises them, drawn on `device` one block at a time."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    partial = folder.with_name(folder.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    config = llama_config(shape, blocks)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    groups: dict[str, list[tuple[str, torch.Size]]] = {}
+    for name, parameter in skeleton.named_parameters():
+        key = name.split(".")[2] if name.startswith("model.layers.") else "outer"
+        groups.setdefault(key, []).append((name, parameter.shape))
+    generator = torch.Generator(device).manual_seed(0)
+    weight_map = {}
+    for shard, (key, members) in enumerate(groups.items()):
+        tensors = {}
+        for name, shape_ in members:
+            if len(shape_) == 1:
+                tensors[name] = torch.ones(shape_, dtype=torch.bfloat16)
+            else:
+                tensors[name] = (torch.randn(shape_, generator=generator, device=device) * 0.02).bfloat16().cpu()
+        filename = f"model-{shard + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(tensors, str(partial / filename), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(tensors, filename)
+    (partial / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(partial)
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(partial)
+    partial.rename(folder)
+    return folder
+
+
+def run_method(model: Path, method: str, args, work: Path) -> dict:
+    out = work / f"{model.name}-{method.replace('+', '_')}.json"
+    if out.exists():
+        out.unlink()
+    command = [sys.executable, "-m", "sparseswaps", "prune", "--model", str(model), *METHODS[method],
+               "--protocol", args.protocol, "--eval", args.eval, "--eval-windows", str(args.eval_windows),
+               "--out", str(out), *sum((["--solver-option", o] for o in args.solver_option
+                                        if method.endswith("swaps")), [])]
+    if args.nsamples:
+        command += ["--nsamples", str(args.nsamples)]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT)
+    wall = time.perf_counter() - started
+    report = json.loads(out.read_text())
+    out.unlink()
+    out.with_suffix(".png").unlink(missing_ok=True)
+    return summarise(report, method, wall)
+
+
+def summarise(report: dict, method: str, wall: float) -> dict:
+    blocks = report["blocks"]
+    stages = {stage: sum(block[stage] for block in blocks) for stage in
+              ("load_s", "gram_s", "solve_s", "propagate_s", "checkpoint_s")}
+    config = json.loads(json.dumps(report["config"]))
+    return {"method": method, "blocks": len(blocks), "pruning_seconds": report["summary"]["pruning_seconds"],
+            "outside_solver_share": 1 - stages["solve_s"] / report["summary"]["pruning_seconds"],
+            "stage_seconds": stages, "peak_host_gib": report["summary"]["peak_host_gib"],
+            "peak_gpu_gib": report["summary"]["peak_gpu_gib"], "wall_s": wall,
+            "perplexity_random_weights": {k: v["ppl"] for k, v in report["perplexity"]["pruned"].items()},
+            "scan_dtypes": sorted({row.get("scan_dtype") for row in report["layers"] if row.get("scan_dtype")}),
+            "mean_reduction": report["summary"]["mean_reduction"], "config": config,
+            "per_block": blocks, "environment": report["environment"]}
+
+
+def sizes(shape: str, blocks: int, nsamples: int, seqlen: int) -> dict:
+    dims = SHAPES[shape]
+    h, m, kv = dims["hidden_size"], dims["intermediate_size"], dims["num_key_value_heads"]
+    head = h // dims["num_attention_heads"]
+    block_params = 2 * h * h + 2 * h * kv * head + 3 * h * m + 2 * h
+    return {"block_gib": block_params * 2 / 2**30, "calibration_activations_gib": nsamples * seqlen * h * 2 / 2**30}
+
+
+def table(runs: list[dict]) -> str:
+    lines = ["| model shape | blocks | method | pruning s | outside solver | load | Gram | solve | propagate | "
+             "checkpoint | peak host GiB | peak GPU GiB | 3 blocks + activations GiB | scan dtype |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for run in runs:
+        stage = run["stage_seconds"]
+        gpu = "-" if run["peak_gpu_gib"] is None else f"{run['peak_gpu_gib']:.1f}"
+        bound = 3 * run["sizes"]["block_gib"] + run["sizes"]["calibration_activations_gib"]
+        lines.append(f"| {run['model_shape']} | {run['blocks']} | {run['method']} | {run['pruning_seconds']:.1f} | "
+                     f"{run['outside_solver_share']:.0%} | {stage['load_s']:.1f} | {stage['gram_s']:.1f} | "
+                     f"{stage['solve_s']:.1f} | {stage['propagate_s']:.1f} | {stage['checkpoint_s']:.1f} | "
+                     f"{run['peak_host_gib']:.1f} | {gpu} | {bound:.1f} | {','.join(run['scan_dtypes']) or '-'} |")
+    extrapolated = [r for r in runs if r["blocks"] < SHAPES[r["model_shape"]]["full_blocks"]]
+    if extrapolated:
+        lines.append("")
+        for run in extrapolated:
+            full = SHAPES[run["model_shape"]]["full_blocks"]
+            lines.append(f"- {run['model_shape']} {run['method']}: {run['blocks']} of {full} blocks measured; whole "
+                         f"model extrapolated to {run['pruning_seconds'] * full / run['blocks'] / 60:.1f} min "
+                         "(block loop scaled, not measured).")
+    lines.append("\nRandom weights: perplexities are meaningless and not shown; time and memory are the point.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
+    parser.add_argument("--blocks", type=int, help="decoder blocks to build (default: all of the shape's)")
+    parser.add_argument("--methods", default="wanda+swaps,wanda,sparsegpt")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="any tokenizer folder (save_pretrained)")
+    parser.add_argument("--work", type=Path, required=True, help="scratch folder for the model and reports")
+    parser.add_argument("--out", type=Path, required=True, help="JSON to append runs to (a .md table beside it)")
+    parser.add_argument("--protocol", default="paper")
+    parser.add_argument("--nsamples", type=int)
+    parser.add_argument("--eval", default="", help="perplexity corpora ('' for none)")
+    parser.add_argument("--eval-windows", type=int, default=0)
+    parser.add_argument("--solver-option", action="append", default=[], help="for the swaps runs")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    blocks = args.blocks or SHAPES[args.shape]["full_blocks"]
+    store = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    started = time.perf_counter()
+    model = build_random_model(args.shape, blocks, args.work / f"{args.shape}-{blocks}", args.tokenizer, args.device)
+    print(f"built {model} in {time.perf_counter() - started:.0f} s", flush=True)
+    from sparseswaps.pipeline import PROTOCOLS
+
+    preset = PROTOCOLS[args.protocol]
+    for method in args.methods.split(","):
+        run = run_method(model, method, args, args.work)
+        run.update(model_shape=args.shape, sizes=sizes(args.shape, blocks, args.nsamples or preset["nsamples"],
+                                                       preset["seqlen"]))
+        store["runs"] = [r for r in store["runs"] if (r["model_shape"], r["method"], r["blocks"]) !=
+                         (args.shape, method, run["blocks"])] + [run]
+        args.out.write_text(json.dumps(store, indent=1))
+        args.out.with_suffix(".md").write_text(table(store["runs"]) + "\n")
+        print(f"{args.shape} {method}: {run['pruning_seconds']:.1f} s pruning, peak host {run['peak_host_gib']:.1f} "
+              f"GiB", flush=True)
+    print(table(store["runs"]))
+
+
+if __name__ == "__main__":
+    main()
