@@ -359,7 +359,7 @@ def _candidate_swaps(top, active, w64, c64, gram64, work_mask, mask, ids, swaps)
     """After a scan's best swap: each candidate column j in turn, with its best pruned i on the current
     state, applied where Δ < 0 in float64 (an exact improving 1-swap, whatever the scan thought)."""
     rows = torch.arange(len(ids), device=w64.device)
-    for column in top.unbind(1):
+    for column in top.T.contiguous():
         restore, prune = masked_swap_terms(w64, work_mask, c64, gram64)
         delta = restore + prune[rows, column, None] - 2 * w64 * w64[rows, column, None] * gram64[column]
         best, i = delta.min(1)

@@ -380,12 +380,15 @@ def rescore(w, terms: ScanTerms, gram, top) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def update_c(c, w, gram, i, j, improving) -> None:
-    """In place, on CUDA: c[r] += w[r, j_r] G[j_r] - w[r, i_r] G[i_r] in the rows where `improving`."""
+    """In place, on CUDA: c[r] += w[r, j_r] G[j_r] - w[r, i_r] G[i_r] in the rows where `improving`.
+    The kernel reads i, j and `improving` as dense arrays: strided views (a column of a candidate list)
+    are made contiguous first."""
     rows, d = c.shape
     if rows:
         block = 1024
-        _update_c_kernel[(rows, triton.cdiv(d, block))](c, w.contiguous(), gram.contiguous(), i, j,
-                                                        improving.view(torch.uint8), d, BLOCK=block)
+        _update_c_kernel[(rows, triton.cdiv(d, block))](c, w.contiguous(), gram.contiguous(), i.contiguous(),
+                                                        j.contiguous(), improving.contiguous().view(torch.uint8),
+                                                        d, BLOCK=block)
 
 
 def settle(best, i, j, w64, c64, gram64, work_mask, mask, ids, swaps, converged, done, max_iters) -> torch.Tensor:
