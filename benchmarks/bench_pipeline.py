@@ -137,7 +137,9 @@ def table(runs: list[dict]) -> str:
         stage = run["stage_seconds"]
         gpu = "-" if run["peak_gpu_gib"] is None else f"{run['peak_gpu_gib']:.1f}"
         bound = 3 * run["sizes"]["block_gib"] + run["sizes"]["calibration_activations_gib"]
-        lines.append(f"| {run['model_shape']} | {run['blocks']} | {run['method']} | {run['pruning_seconds']:.1f} | "
+        iters = run["config"]["solver_options"].get("max_iters")
+        method = run["method"] + (f" ({iters} scans)" if run["method"].endswith("swaps") else "")
+        lines.append(f"| {run['model_shape']} | {run['blocks']} | {method} | {run['pruning_seconds']:.1f} | "
                      f"{run['outside_solver_share']:.0%} | {stage['load_s']:.1f} | {stage['gram_s']:.1f} | "
                      f"{stage['solve_s']:.1f} | {stage['propagate_s']:.1f} | {stage['checkpoint_s']:.1f} | "
                      f"{run['peak_host_gib']:.1f} | {gpu} | {bound:.1f} | {','.join(run['scan_dtypes']) or '-'} |")
