@@ -9,6 +9,11 @@ Every file is written under a unique temporary name, fsynced and renamed into pl
 only once its record exists, and the record is written last, so a kill at any instant leaves either a
 committed block or one that is redone. Calibration activations are never written: a resumed run replays the
 committed blocks from the calibration inputs, which gives the identical activations.
+
+The write (serialisation, fsync, hash) runs on one background thread while the next block is computed: a
+commit snapshots the block's tensors to the CPU and returns; the next commit, any read of a block and
+`finish` wait for it first, and an error in the writer surfaces there. Order is unchanged: the record still
+follows its tensors, so the kill-safety above holds.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -112,6 +118,9 @@ class MemoryStore:
     def _block(self, index: int) -> dict[str, torch.Tensor]:
         return self._tensors[index]
 
+    def wait(self) -> None:
+        """Nothing is ever pending in memory."""
+
     def overrides(self, index: int) -> dict[str, torch.Tensor]:
         return {name: t for name, t in self._block(index).items() if not name.startswith(MASK_PREFIX)}
 
@@ -131,6 +140,8 @@ class DiskStore(MemoryStore):
     def __init__(self, folder: Path, fingerprint: str):
         super().__init__()
         self.folder, self.fingerprint = folder, fingerprint
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
 
     @classmethod
     def open(cls, folder: Path, fingerprint: str, resume: bool) -> "DiskStore":
@@ -221,22 +232,37 @@ class DiskStore(MemoryStore):
 
     def commit(self, index: int, tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                record: dict) -> None:
-        """Write block `index`'s tensors, then its record (the commit point)."""
+        """Snapshot block `index`'s tensors and hand them to the writer, which writes them, then the record
+        (the commit point)."""
+        self.wait()
+        snapshot = {name: tensor.detach().cpu() for name, tensor in tensors.items()}
+        snapshot |= {MASK_PREFIX + name: pack_mask(mask).cpu() for name, mask in masks.items()}
+        self._pending = self._writer.submit(self._write_block, index, snapshot, record)
+        self.records.append(record)
+
+    def _write_block(self, index: int, tensors: dict[str, torch.Tensor], record: dict) -> None:
         path = self._tensor_path(index)
-        write_safetensors_atomic(path, tensors | {MASK_PREFIX + name: pack_mask(m) for name, m in masks.items()},
-                                 metadata={"block": str(index), "fingerprint": self.fingerprint})
+        write_safetensors_atomic(path, tensors, metadata={"block": str(index), "fingerprint": self.fingerprint})
         write_json_atomic(self._record_path(index), {
             "block": index, "fingerprint": self.fingerprint,
             "tensors": {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)},
             "report": record})
-        self.records.append(record)
+
+    def wait(self) -> None:
+        """Until the last commit is on disk; re-raises what stopped it."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _block(self, index: int) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
+        self.wait()
         return load_file(str(self._tensor_path(index)))
 
     def finish(self) -> None:
+        self.wait()
+        self._writer.shutdown()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -144,6 +144,7 @@ def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None 
         if reductions:
             progress.set_postfix(mean_reduction=f"{sum(reductions) / len(reductions):.3f}")
         if stop_after_block is not None and index >= stop_after_block:
+            store.wait()
             raise KeyboardInterrupt(f"stopped after block {index} as asked")
     pruning_seconds = time.perf_counter() - started
     del hidden   # free the activations (possibly on the GPU) before evaluating
