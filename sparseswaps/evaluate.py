@@ -1,5 +1,6 @@
 """Token perplexity as SparseGPT and Wanda compute it: non-overlapping windows, mean next-token loss per
-window, perplexity = exp(mean over windows)."""
+window, perplexity = exp(mean over windows). `streaming_perplexities` is the pipeline's (block by block);
+`perplexity` runs a whole in-memory model (the independent check the tests compare it with)."""
 from __future__ import annotations
 
 import math
@@ -27,19 +28,9 @@ def perplexity(model, windows: Windows, device) -> dict:
     return {"ppl": math.exp(losses.mean().item()), **windows.info}
 
 
-def evaluate_perplexities(model, tokenizer, corpora, seqlen: int, device, *, bos_per_window: bool,
-                          max_windows: int | None = None) -> dict:
-    results = {}
-    for name in corpora:
-        windows = evaluation_windows(name, tokenizer, seqlen, bos_per_window=bos_per_window,
-                                     max_windows=max_windows)
-        results[name] = perplexity(model, windows, device)
-    return results
-
-
 def streaming_perplexities(lazy, corpora, seqlen: int, device, *, bos_per_window: bool,
                            max_windows: int | None = None, overrides=None, desc: str = "evaluating") -> dict:
-    """`evaluate_perplexities` with one block in memory at a time: every corpus's windows go through block i
+    """Perplexity of each corpus with one block in memory at a time: every corpus's windows go through block i
     before block i + 1 is read, as SparseGPT's evaluation does, so a model larger than the GPU is evaluated
     on it. `overrides(i)` gives block i's replaced tensors (the pruned weights), or None."""
     if not corpora:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import platform
 import resource
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -417,8 +418,6 @@ def _save_model(lazy: LazyModel, store, results: dict, save: Path) -> None:
     """A Hugging Face folder (config, tokenizer, one safetensors shard per block plus one for the rest, the
     shard index), `masks.safetensors` (bit-packed) and the report, written block by block beside `save` and
     renamed into place, so a crash never leaves a folder that looks complete."""
-    import shutil
-
     partial = save.with_name(save.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

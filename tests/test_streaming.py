@@ -221,3 +221,18 @@ def test_saved_model_loads_with_transformers_and_matches_the_report(sharded, tmp
     masks = ckpt.load_masks(tmp_path / "pruned" / "masks.safetensors")
     weights = load_file(str(next((tmp_path / "pruned").glob("model-00002-*.safetensors"))))
     assert (weights["model.layers.0.mlp.down_proj.weight"][~masks["model.layers.0.mlp.down_proj"]] == 0).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gemma3"])
+def test_streaming_perplexity_equals_the_whole_model_forward(family, tmp_path):
+    from sparseswaps.data import evaluation_windows
+    from sparseswaps.evaluate import perplexity, streaming_perplexities
+
+    path = save_sharded(tmp_path / family, family)
+    bos = family == "gemma3"
+    streamed = streaming_perplexities(open_model(str(path)), ("wikitext2", "c4"), 48, "cpu", bos_per_window=bos,
+                                      max_windows=3)
+    model, tokenizer, _ = load_model(str(path))
+    for corpus in ("wikitext2", "c4"):
+        windows = evaluation_windows(corpus, tokenizer, 48, bos_per_window=bos, max_windows=3)
+        assert streamed[corpus] == perplexity(model, windows, "cpu")
