@@ -82,10 +82,11 @@ def main() -> None:
     parser.add_argument("--real-layers", type=Path)
     parser.add_argument("--synthetic", action="store_true", help="also the 8B-shaped synthetic layers (CUDA)")
     parser.add_argument("--settings", default="1,4,16", help="swaps_per_scan values")
+    parser.add_argument("--engine", default="auto", help="scan engine (results/swaps_per_scan_cpu: torch)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = "auto" if device == "cuda" else "torch"   # numba returns no candidate columns
+    engine = args.engine
     settings = [int(k) for k in args.settings.split(",")]
     rows = real_layers(args.real_layers, settings, device, engine) if args.real_layers else []
     if args.synthetic:

@@ -215,10 +215,9 @@ def choose_candidate_scan(pattern, device: torch.device, engine: str, dtype: tor
         return partial(scan_candidates_half, k=k), False
     if scan is swaps_triton.scan_per_row_triton:
         return partial(swaps_triton.scan_candidates, k=k), False
-    if scan is scan_per_row:
-        return partial(scan_candidates_torch, k=k), True
-    raise UserError("swaps_per_scan > 1 needs the torch engine on the CPU (engine='torch') or the Triton "
-                    "engine on CUDA, which return candidate columns; the numba engine returns only the best pair")
+    if scan is swaps_cpu.scan_per_row_numba:
+        return partial(swaps_cpu.scan_candidates_numba, k=k), False
+    return partial(scan_candidates_torch, k=k), True
 
 
 def exact_deltas(w64, c64, gram64, i, j) -> torch.Tensor:

@@ -1,11 +1,14 @@
-"""The per-row 1-swap scan compiled for the CPU with numba: same result as `swaps.scan_per_row`.
+"""The per-row 1-swap scan compiled for the CPU with numba, the way the GPU kernel works.
 
-Each row is one parallel task. For every pruned i the inner loop takes the minimum over all j (kept j
-carry their b_j, pruned j +inf); the j of the winning i is found afterwards in a second pass. Ties go to
-the smallest (i, j), as in the torch reference. Measured on 2 cores: ~1 G evaluated pairs/s (~0.5 G
-useful pairs/s at 50%), 5-6x the batched torch scan; rows never materialise a [p, d] block. numba
-lowers float `min` without packed min instructions, so these loops run scalar; elementwise- and
-chunked-accumulator variants were both slower than this one (measured 2026-11-23).
+Each row is one parallel task. For every pruned i the inner loop updates an elementwise running minimum
+over all j, low[j] = min(low[j], a_i - 2 w_i w_j G_ij): no reduction inside the loop, so LLVM turns it into
+packed multiply, FMA and min instructions (AVX2 and FMA here). Afterwards the best j minimises
+low[j] + b_j over the kept j, and the i of that j is found in one more pass over the pruned entries. The
+terms a and b are computed in the kernel, in w's dtype (float32 by default), and a large finite
+sentinel stands in for +inf, since fastmath makes arithmetic on infinities undefined.
+Exact ties go to the smallest j, then the smallest i, as in the Triton kernel (the torch reference takes
+the smallest i first; the driver re-checks every swap in float64 either way).
+benchmarks/results/bench_cpu_scan.md has its rate against this machine's measured floor.
 """
 from __future__ import annotations
 
@@ -15,52 +18,67 @@ import numpy as np
 import torch
 
 AVAILABLE = importlib.util.find_spec("numba") is not None
+# Stands in for +inf: far above any real term, and twice it is still finite in float32.
+SENTINEL = 1e30
 
 if AVAILABLE:
     from numba import njit, prange
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def _scan(gram, w, restore, prune, best, best_i, best_j):   # pragma: no cover - compiled
+    def _scan(gram, w, c, mask, low, best, best_i, best_j):   # pragma: no cover - compiled
         rows, d = w.shape
+        sentinel = w.dtype.type(SENTINEL)
         for r in prange(rows):
-            wr = w[r]
-            pr = prune[r]
-            top = np.inf
-            top_i = -1
+            wr, cr, lr, kept = w[r], c[r], low[r], mask[r]
+            for j in range(d):
+                lr[j] = sentinel
             for i in range(d):
-                ai = restore[r, i]
-                if ai == np.inf:
+                if kept[i]:
                     continue
-                si = -2.0 * wr[i]
-                gi = gram[i]
-                low = np.inf
-                for j in range(d):
-                    low = min(low, pr[j] + si * (wr[j] * gi[j]))
-                if ai + low < top:
-                    top = ai + low
-                    top_i = i
-            gi = gram[top_i]
-            si = -2.0 * wr[top_i]
-            low = np.inf
-            top_j = -1
-            for j in range(d):      # the j of the winning i: first index reaching the minimum
-                value = pr[j] + si * (wr[j] * gi[j])
-                if value < low:
-                    low = value
-                    top_j = j
-            best[r] = restore[r, top_i] + low
-            best_i[r] = top_i
-            best_j[r] = top_j
+                twice = wr[i] + wr[i]       # (-2 w_i, kept in w's dtype: a float literal would promote it)
+                a, s, gi = wr[i] * wr[i] * gram[i, i] - twice * cr[i], -twice, gram[i]
+                for j in range(d):          # elementwise: vectorises
+                    value = a + s * (wr[j] * gi[j])
+                    lr[j] = value if value < lr[j] else lr[j]
+            top_j, top = -1, sentinel
+            for j in range(d):              # first kept j reaching the minimum of low + b
+                if kept[j]:
+                    value = lr[j] + (wr[j] * wr[j] * gram[j, j] + (wr[j] + wr[j]) * cr[j])
+                    if value < top:
+                        top, top_j = value, j
+            top_i, low_i = -1, sentinel
+            for i in range(d):              # first pruned i reaching low[top_j]
+                if not kept[i]:
+                    twice = wr[i] + wr[i]
+                    value = (wr[i] * wr[i] * gram[i, i] - twice * cr[i]) - twice * (wr[top_j] * gram[i, top_j])
+                    if value < low_i:
+                        low_i, top_i = value, i
+            best[r], best_i[r], best_j[r] = top, top_i, top_j
 
 
 def scan_per_row_numba(w, mask, c, gram, pattern):
-    """Best (Δ, i, j) per row over (pruned i, kept j); CPU tensors in, CPU tensors out."""
-    from .swaps import masked_swap_terms
+    """Best (Δ, i, j) per row over (pruned i, kept j); CPU tensors in, CPU tensors out (c may be float64:
+    the terms are computed in w's dtype, as `swaps.swap_terms` does)."""
+    return _run(w, mask, c, gram)[:3]
 
-    restore, prune = (terms.numpy() for terms in masked_swap_terms(w, mask, c, gram))
-    rows = w.shape[0]
-    best = np.empty(rows, dtype=restore.dtype)
+
+def scan_candidates_numba(w, mask, c, gram, pattern, k: int):
+    """`scan_per_row_numba`'s best (Δ, i, j) and each row's k best kept columns j by low[j] + b_j [rows, k]."""
+    from .swaps import swap_terms
+
+    best, best_i, best_j, low = _run(w, mask, c, gram)
+    _, prune = swap_terms(w, c, gram.diagonal())
+    ranking = torch.where(mask, low + prune.to(low.dtype), torch.inf)
+    return best, best_i, best_j, ranking.topk(min(k, w.shape[1]), 1, largest=False).indices
+
+
+def _run(w, mask, c, gram):
+    rows, d = w.shape
+    w = w.contiguous()
+    best = np.empty(rows, dtype=w.numpy().dtype)
     best_i = np.empty(rows, dtype=np.int64)
     best_j = np.empty(rows, dtype=np.int64)
-    _scan(gram.contiguous().numpy(), w.contiguous().numpy(), restore, prune, best, best_i, best_j)
-    return torch.from_numpy(best), torch.from_numpy(best_i), torch.from_numpy(best_j)
+    low = np.empty((rows, d), dtype=best.dtype)
+    _scan(gram.to(w.dtype).contiguous().numpy(), w.numpy(), c.to(w.dtype).contiguous().numpy(),
+          mask.contiguous().numpy(), low, best, best_i, best_j)
+    return torch.from_numpy(best), torch.from_numpy(best_i), torch.from_numpy(best_j), torch.from_numpy(low)
