@@ -295,7 +295,8 @@ def refine(problem: MaskProblem, mask: torch.Tensor, *, max_iters: int = 100, ba
         termination = Termination.LOCAL_OPTIMUM
     else:
         termination = Termination.ITERATION_LIMIT
-    extra = {"swaps": swaps.cpu(), "swaps_total": int(swaps.sum()), "rows_converged": int(converged.sum()),
+    extra = {"swaps": swaps.cpu(), "swaps_total": int(swaps.sum()), "converged": converged.cpu(),
+             "rows_converged": int(converged.sum()),
              "iterations": int(done.max()) if problem.rows else 0, "pairs_evaluated": stats["pairs_evaluated"],
              "batch_rows": stats["batch_rows"]}
     return Solution(mask.to(problem.device), termination, extra=extra)
@@ -357,6 +358,10 @@ def _settle(best, i, j, w64, c64, gram64, work_mask, mask, ids, swaps, converged
 def _candidate_swaps(top, active, w64, c64, gram64, work_mask, mask, ids, swaps) -> None:
     """After a scan's best swap: each candidate column j in turn, with its best pruned i on the current
     state, applied where Δ < 0 in float64 (an exact improving 1-swap, whatever the scan thought)."""
+    if not c64.is_cuda and swaps_cpu.AVAILABLE and c64.is_contiguous() and work_mask.is_contiguous():
+        swaps[ids] += swaps_cpu.candidate_swaps_numba(top, active, w64, c64, gram64, work_mask)
+        mask[ids] = work_mask
+        return
     rows = torch.arange(len(ids), device=w64.device)
     for column in top.T.contiguous():
         restore, prune = masked_swap_terms(w64, work_mask, c64, gram64)

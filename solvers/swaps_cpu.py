@@ -55,6 +55,32 @@ if AVAILABLE:
                         low_i, top_i = value, i
             best[r], best_i[r], best_j[r] = top, top_i, top_j
 
+    @njit(parallel=True, fastmath=False, cache=True)
+    def _candidate_swaps(top, active, w, c, gram, kept, swaps):   # pragma: no cover - compiled
+        """swaps._candidate_swaps in float64 (no fastmath: these are the exact checks), one row per task."""
+        rows, d = w.shape
+        for r in prange(rows):
+            if not active[r]:
+                continue
+            wr, cr, mr = w[r], c[r], kept[r]
+            for j in top[r]:
+                if not mr[j]:
+                    continue
+                b = wr[j] * wr[j] * gram[j, j] + 2.0 * wr[j] * cr[j]
+                best, best_i = np.inf, -1
+                for i in range(d):
+                    if not mr[i]:
+                        value = wr[i] * wr[i] * gram[i, i] - 2.0 * wr[i] * cr[i] - 2.0 * wr[i] * wr[j] * gram[j, i]
+                        if value < best:
+                            best, best_i = value, i
+                if best_i < 0 or best + b >= 0:
+                    continue
+                mr[best_i], mr[j] = True, False
+                gi, gj = gram[best_i], gram[j]
+                for k in range(d):
+                    cr[k] += wr[j] * gj[k] - wr[best_i] * gi[k]
+                swaps[r] += 1
+
 
 def scan_per_row_numba(w, mask, c, gram, pattern):
     """Best (Δ, i, j) per row over (pruned i, kept j); CPU tensors in, CPU tensors out (c may be float64:
@@ -70,6 +96,15 @@ def scan_candidates_numba(w, mask, c, gram, pattern, k: int):
     _, prune = swap_terms(w, c, gram.diagonal())
     ranking = torch.where(mask, low + prune.to(low.dtype), torch.inf)
     return best, best_i, best_j, ranking.topk(min(k, w.shape[1]), 1, largest=False).indices
+
+
+def candidate_swaps_numba(top, active, w64, c64, gram64, work_mask) -> torch.Tensor:
+    """In place on the CPU: for each row's candidate columns in turn, its best pruned i on the current
+    state, applied where Δ < 0 in float64 (work_mask and c64 updated); the swaps applied per row."""
+    swaps = np.zeros(len(w64), dtype=np.int64)
+    _candidate_swaps(top.contiguous().numpy(), active.contiguous().numpy(), w64.contiguous().numpy(),
+                     c64.numpy(), gram64.contiguous().numpy(), work_mask.numpy(), swaps)
+    return torch.from_numpy(swaps)
 
 
 def _run(w, mask, c, gram):

@@ -3,6 +3,7 @@
 A checkpoint folder holds
     run.json                   the configuration's fingerprint (written once, first)
     dense.json                 the dense model's perplexities, once measured
+    warm_start.json            the warm start's own perplexities (pruned with it alone), when asked for
     block_00007.safetensors    block 7's pruned weights (storage dtype) and bit-packed masks ("mask:<layer>")
     block_00007.json           block 7's commit record: its report rows, timings, and the tensors' SHA-256
 Every file is written under a unique temporary name, fsynced and renamed into place. A block counts as done
@@ -33,6 +34,7 @@ from .models import file_sha256
 FORMAT = 2
 _BLOCK_FILE = re.compile(r"block_(\d{5})\.(safetensors|json)$")
 _TEMPORARY = re.compile(r".+\.tmp-[A-Za-z0-9_]+$")
+RESULTS = ("dense", "warm_start")   # measurements a resumed run need not repeat
 MASK_PREFIX = "mask:"
 
 
@@ -99,15 +101,15 @@ class MemoryStore:
 
     def __init__(self):
         self.records: list[dict] = []
-        self.dense: dict | None = None
+        self.saved: dict[str, dict] = {}     # RESULTS measured so far
         self._tensors: list[dict[str, torch.Tensor]] = []
 
     @property
     def next_block(self) -> int:
         return len(self.records)
 
-    def save_dense(self, dense: dict) -> None:
-        self.dense = dense
+    def save(self, name: str, payload: dict) -> None:
+        self.saved[name] = payload
 
     def commit(self, index: int, tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                record: dict) -> None:
@@ -188,11 +190,12 @@ class DiskStore(MemoryStore):
                 path.unlink()   # a write that a kill interrupted before its rename
             elif match:
                 numbers.add(int(match.group(1)))
-            elif path.name not in ("run.json", "dense.json"):
+            elif path.name not in ("run.json", *(f"{name}.json" for name in RESULTS)):
                 raise UserError(f"the checkpoint at {self.folder} holds a foreign file {path.name}: remove it "
                                 "(or the whole checkpoint to start over)")
-        if (self.folder / "dense.json").is_file():
-            self.dense = self._read_json(self.folder / "dense.json")
+        for name in RESULTS:
+            if (self.folder / f"{name}.json").is_file():
+                self.saved[name] = self._read_json(self.folder / f"{name}.json")
         index = 0
         while (self.folder / f"block_{index:05d}.json").is_file():
             self.records.append(self._verified_record(index))
@@ -226,9 +229,9 @@ class DiskStore(MemoryStore):
                             f"remove the checkpoint {self.folder} to start over")
         return record["report"]
 
-    def save_dense(self, dense: dict) -> None:
-        write_json_atomic(self.folder / "dense.json", dense)
-        self.dense = dense
+    def save(self, name: str, payload: dict) -> None:
+        write_json_atomic(self.folder / f"{name}.json", payload)
+        self.saved[name] = payload
 
     def commit(self, index: int, tensors: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                record: dict) -> None:

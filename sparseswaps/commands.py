@@ -1,6 +1,7 @@
 """Subcommands other than `solvers`. Heavy imports (transformers, matplotlib) happen when a command runs."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from .errors import UserError
@@ -45,6 +46,9 @@ def add_prune(commands) -> None:
     parser.add_argument("--solver-option", action="append", metavar="KEY=VALUE",
                         help="option for the final solver, e.g. max_iters=50 (repeatable)")
     parser.add_argument("--bos-per-window", default="auto", choices=["auto", "yes", "no"])
+    parser.add_argument("--warm-start-baseline", action=argparse.BooleanOptionalAction,
+                        help="also prune with the warm start alone and report its perplexity (default: on for the "
+                             "quick protocol, off for the paper protocol)")
     _add_zero_shot_arguments(parser)
     parser.add_argument("--out", type=Path, help="result JSON (a PNG plot is written beside it)")
     parser.add_argument("--save", type=Path, help="write the pruned model (save_pretrained) and its masks here")
@@ -64,7 +68,7 @@ def run_prune(args) -> int:
                          device=args.device, dtype=args.dtype, update_weights=args.update_weights,
                          solver_options=parse_option_values(args.solver_option or [], "--solver-option"),
                          bos_per_window=args.bos_per_window, zero_shot=args.zero_shot or (),
-                         zero_shot_limit=args.zero_shot_limit)
+                         zero_shot_limit=args.zero_shot_limit, warm_start_baseline=args.warm_start_baseline)
     results = prune_model(config, args.out, args.save, resume=args.resume)
     print(summary_table(results))
     return 0
@@ -74,10 +78,14 @@ def summary_table(results: dict) -> str:
     config, ppl = results["config"], results["perplexity"]
     target = config["pattern"] or f"{config['sparsity']:.0%}"
     chain = "+".join(filter(None, [config["warm_start"], config["solver"]]))
+    warm = ppl.get("warm_start")
+    warm_label = f"{config['warm_start']} alone"
     lines = [f"{results['model']['source']}  {target}  {chain}  ({config['nsamples']} x {config['seqlen']} calibration)",
-             f"{'corpus':<10} {'windows':>7} {'dense ppl':>10} {'pruned ppl':>11}"]
+             f"{'corpus':<10} {'windows':>7} {'dense':>10}" + (f" {warm_label:>12}" if warm else "") + f" {chain:>14}"]
     for corpus, dense in ppl["dense"].items():
-        lines.append(f"{corpus:<10} {dense['windows']:>7} {dense['ppl']:>10.3f} {ppl['pruned'][corpus]['ppl']:>11.3f}")
+        warm_cell = f" {warm[corpus]['ppl']:>12.3f}" if warm else ""
+        lines.append(f"{corpus:<10} {dense['windows']:>7} {dense['ppl']:>10.3f}{warm_cell} "
+                     f"{ppl['pruned'][corpus]['ppl']:>14.3f}")
     if "zero_shot" in results:
         lines.append(f"zero-shot mean accuracy ({', '.join(results['config']['zero_shot'])}): "
                      f"{results['zero_shot']['mean_acc']:.4f}")
@@ -85,6 +93,10 @@ def summary_table(results: dict) -> str:
     if summary["mean_reduction"] is not None:
         lines.append(f"mean per-layer error reduction over the warm start: {summary['mean_reduction']:.1%} "
                      f"({summary['total_swaps']} swaps, {summary['pruning_seconds']:.0f} s pruning)")
+    if summary.get("rows_converged"):
+        converged = summary["rows_converged"]
+        lines.append(f"rows at a 1-swap local optimum: {converged['converged']} of {converged['rows']} "
+                     f"(the rest stopped at the cap of {config['solver_options'].get('max_iters')} scans)")
     return "\n".join(lines)
 
 

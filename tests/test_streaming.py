@@ -131,7 +131,8 @@ def test_a_kill_at_every_step_of_every_commit_resumes_to_the_identical_result(sh
     steps = count_commit_steps(monkeypatch)
     reference = prune_model(config, tmp_path / "ref.json", tmp_path / "ref")
     checkpoint_steps = [s for s in steps if not s.startswith(("ref", "model", "masks", "sparseswaps"))]
-    assert checkpoint_steps[:2] == ["run.json", "dense.json"] and len(checkpoint_steps) == 2 + 2 * 2
+    assert checkpoint_steps[:3] == ["run.json", "dense.json", "warm_start.json"]
+    assert len(checkpoint_steps) == 3 + 2 * 2   # and two files per block
     for kill_at in range(1, len(checkpoint_steps) + 1):
         run = tmp_path / f"kill{kill_at}"
         count_commit_steps(monkeypatch, kill_at)
@@ -236,3 +237,21 @@ def test_streaming_perplexity_equals_the_whole_model_forward(family, tmp_path):
     for corpus in ("wikitext2", "c4"):
         windows = evaluation_windows(corpus, tokenizer, 48, bos_per_window=bos, max_windows=3)
         assert streamed[corpus] == perplexity(model, windows, "cpu")
+
+
+def test_the_warm_start_baseline_is_the_warm_start_run_alone(sharded, tmp_path):
+    with_baseline = prune_model(PruneConfig(model=str(sharded), **SETTINGS), checkpointing=False)
+    alone = prune_model(PruneConfig(model=str(sharded), solver="wanda", warm_start=None, **SETTINGS),
+                        checkpointing=False)
+    assert with_baseline["perplexity"]["warm_start"] == alone["perplexity"]["pruned"]
+    assert with_baseline["perplexity"]["dense"] == alone["perplexity"]["dense"]
+    assert "warm_start" not in alone["perplexity"]   # nothing to compare a warm-start-less run with
+
+
+def test_protocols_set_the_swap_options_and_the_baseline():
+    quick = PruneConfig().resolved()
+    assert quick.warm_start_baseline and quick.solver_options == {"max_iters": 100, "swaps_per_scan": 16}
+    paper = PruneConfig(protocol="paper").resolved()
+    assert not paper.warm_start_baseline and paper.solver_options == {"max_iters": 100}
+    mine = PruneConfig(solver_options={"swaps_per_scan": 1}, warm_start_baseline=False).resolved()
+    assert mine.solver_options == {"max_iters": 100, "swaps_per_scan": 1} and not mine.warm_start_baseline

@@ -216,3 +216,32 @@ def test_swaps_per_scan_errors_are_clear():
 def test_scan_dtype_auto_is_float32_on_the_cpu_and_recorded():
     problem, _ = make_problem("iid", rows=3, d=16, seed=0, sparsity=0.5)
     assert ss.solve(problem, "swaps").extra["dtype"] == "float32"
+
+
+def test_numba_candidate_swaps_match_the_torch_steps():
+    from solvers import swaps, swaps_cpu
+
+    if not swaps_cpu.AVAILABLE:
+        pytest.skip("numba is not installed")
+    problem, _ = make_problem("outliers", rows=20, d=64, seed=9, sparsity=0.6)
+    w64, gram64 = problem.weight.double(), problem.gram.double()
+    start = ss.solve(problem, "wanda").mask
+    top = torch.randint(0, 64, (20, 6), generator=torch.Generator().manual_seed(0))
+    active = torch.arange(20) % 3 != 0
+    states = []
+    for force_torch in (False, True):
+        mask, work = start.clone(), start.clone()
+        c64 = (w64 * ~work) @ gram64
+        count = torch.zeros(20, dtype=torch.long)
+        available = swaps_cpu.AVAILABLE
+        swaps_cpu.AVAILABLE = not force_torch
+        try:
+            swaps._candidate_swaps(top, active, w64, c64, gram64, work, mask, torch.arange(20), count)
+        finally:
+            swaps_cpu.AVAILABLE = available
+        states.append((mask, work, c64, count))
+    (mask_a, work_a, c_a, count_a), (mask_b, work_b, c_b, count_b) = states
+    assert count_a.sum() > 0 and torch.equal(count_a, count_b)
+    assert torch.equal(mask_a, mask_b) and torch.equal(work_a, work_b) and torch.equal(mask_a, work_a)
+    torch.testing.assert_close(c_a, c_b, rtol=1e-12, atol=1e-9)
+    assert (problem.objective(mask_a) <= problem.objective(start)).all()
