@@ -96,10 +96,14 @@ class PruneConfig:
         return config
 
     def _solver_options(self, preset: dict) -> dict:
-        """The protocol's swap options apply to the swaps solver where the user gave none of their own."""
-        if self.solver == "swaps":
-            return {**preset["swap_options"], **self.solver_options}
-        return dict(self.solver_options)
+        """The protocol's swap options apply to the swaps solver where the user gave none of their own
+        (several swaps per scan only for per-row sparsity: N:M swaps stay in their group)."""
+        if self.solver != "swaps":
+            return dict(self.solver_options)
+        defaults = dict(preset["swap_options"])
+        if self.pattern is not None:
+            defaults.pop("swaps_per_scan", None)
+        return {**defaults, **self.solver_options}
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()

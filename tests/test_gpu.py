@@ -72,7 +72,9 @@ def test_pipeline_on_cuda_matches_cpu(tmp_path):
     from tiny_models import save_tiny
 
     tiny = save_tiny(tmp_path / "gemma3", "gemma3")
-    settings = dict(model=str(tiny), sparsity=0.5, nsamples=4, seqlen=64, eval=("wikitext2",), eval_windows=4)
+    # best improvement: several swaps per scan follow engine-specific candidate orders, not what this checks
+    settings = dict(model=str(tiny), sparsity=0.5, nsamples=4, seqlen=64, eval=("wikitext2",), eval_windows=4,
+                    solver_options={"swaps_per_scan": 1})
     runs = {device: prune_model(PruneConfig(device=device, **settings), save=tmp_path / device, checkpointing=False)
             for device in ("cpu", "cuda")}
     cpu, cuda = (load_masks(tmp_path / d / "masks.safetensors") for d in ("cpu", "cuda"))

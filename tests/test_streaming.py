@@ -253,5 +253,6 @@ def test_protocols_set_the_swap_options_and_the_baseline():
     assert quick.warm_start_baseline and quick.solver_options == {"max_iters": 100, "swaps_per_scan": 16}
     paper = PruneConfig(protocol="paper").resolved()
     assert not paper.warm_start_baseline and paper.solver_options == {"max_iters": 100}
+    assert PruneConfig(pattern="2:4").resolved().solver_options == {"max_iters": 100}
     mine = PruneConfig(solver_options={"swaps_per_scan": 1}, warm_start_baseline=False).resolved()
     assert mine.solver_options == {"max_iters": 100, "swaps_per_scan": 1} and not mine.warm_start_baseline
