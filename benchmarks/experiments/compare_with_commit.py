@@ -1,3 +1,10 @@
+"""Prune with the pipeline of another commit's tree, for identity checks between commits.
+
+    python compare_with_commit.py TREE MODEL OUT CONFIG_JSON   # MODEL: tiny | default | a path
+    python compare_outputs.py OUT_OF_ONE OUT_OF_OTHER            # -> results/streaming/identity_*.txt
+
+TREE is a checkout of any commit (git worktree add); the PruneConfig fields come as JSON. Writes the
+perplexities, per-layer objectives and swaps (r.json) and the masks (masks.pt) to OUT."""
 import sys, json, pathlib, tempfile, torch
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests")
 from sparseswaps.pipeline import PruneConfig, prune_model
