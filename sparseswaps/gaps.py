@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .checkpoint import write_json_atomic
 from .errors import UserError
 from .instances import Instance
 from .registry import get_solver, parse_option_values, solve
@@ -33,7 +34,7 @@ def run_gaps(instances: list[Instance], specs: list[str], targets: list[str], ti
              jsonl: Path, environment: dict) -> int:
     """Append one line per (instance, target, solver spec) not yet in `jsonl`; returns how many ran."""
     parsed = {spec: parse_spec(spec) for spec in specs}
-    done = {(r["instance"], r["target"], r["solver"]) for r in read_jsonl(jsonl)}
+    done = {(r["instance"], r["target"], r["solver"]) for r in read_jsonl(jsonl, repair=True)}
     todo = [(inst, target, spec) for inst in instances for target in targets for spec in specs
             if (inst.name, target, spec) not in done and _applies(inst, target, parsed[spec])]
     jsonl.parent.mkdir(parents=True, exist_ok=True)
@@ -67,10 +68,27 @@ def _applies(inst: Instance, target: str, parsed) -> bool:
     return True
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
+    """Every complete record. A last line without its newline is a write a kill cut short: it is left out
+    (and, with `repair`, cut off the file, so the next append starts on a line of its own). Any other line
+    that does not parse is damage: an error naming it."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.split("\n")
+    complete, torn = lines[:-1], lines[-1]
+    if torn and repair:
+        with open(path, "r+") as handle:
+            handle.truncate(len(text.encode()) - len(torn.encode()))
+    records = []
+    for number, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path} line {number} is not JSON ({error}): fix or remove that line") from None
+    return records
 
 
 def proven_optima(records: list[dict]) -> dict:
@@ -224,4 +242,4 @@ def write_report(jsonl: Path, folder: Path) -> str:
 def save_optima(records: list[dict], folder: Path) -> None:
     """Known optima beside the instances, for later runs and other tools."""
     optima = {f"{instance}|{target}": rows for (instance, target), rows in proven_optima(records).items()}
-    (folder / "optima.json").write_text(json.dumps(optima, indent=1))
+    write_json_atomic(folder / "optima.json", optima)

@@ -67,15 +67,16 @@ class SolveResult:
         }
 
     def save(self, path: str | Path) -> None:
-        """Mask and per-row numbers to `path`.safetensors, the rest to `path`.json."""
-        from safetensors.torch import save_file
+        """Mask and per-row numbers to `path`.safetensors, the rest to `path`.json (each written whole or not
+        at all)."""
+        from .checkpoint import write_json_atomic, write_safetensors_atomic
 
         path = Path(path)
         tensors = {"mask": self.mask.cpu().contiguous(), "row_objective": self.row_objective.cpu()}
         if self.row_bound is not None:
             tensors["row_bound"] = self.row_bound.cpu().to(torch.float64)
-        save_file(tensors, str(path.with_suffix(".safetensors")))
-        path.with_suffix(".json").write_text(json.dumps(self.summary(), indent=2))
+        write_safetensors_atomic(path.with_suffix(".safetensors"), tensors)
+        write_json_atomic(path.with_suffix(".json"), self.summary())
 
     @classmethod
     def load(cls, path: str | Path) -> "SolveResult":

@@ -41,3 +41,23 @@ def test_real_instances_restrict_the_true_gram():
     weight = dict(model.named_parameters())["model.layers.1.mlp.down_proj.weight"].double()
     torch.testing.assert_close(inst.weight, weight[rows][:, channels])
     assert inst.problem("50%").is_feasible(inst.problem("50%").project(torch.ones(2, 16, dtype=torch.bool)))
+
+
+def test_a_torn_last_line_is_dropped_and_cut_before_the_next_append(tmp_path):
+    import json
+
+    import pytest
+
+    from sparseswaps.errors import UserError
+    from sparseswaps.gaps import read_jsonl
+
+    path = tmp_path / "gaps.jsonl"
+    path.write_text(json.dumps({"a": 1}) + "\n" + json.dumps({"a": 2}) + "\n" + '{"a": 3, "b"')
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}] and path.read_text().endswith('"b"')   # reading alone keeps it
+    assert read_jsonl(path, repair=True) == [{"a": 1}, {"a": 2}]
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"a": 4}) + "\n")
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}, {"a": 4}]
+    path.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
+    with pytest.raises(UserError, match="line 2 is not JSON"):
+        read_jsonl(path)
