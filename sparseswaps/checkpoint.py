@@ -74,15 +74,19 @@ def _temporary_beside(path: Path) -> Path:
     return Path(name)
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """`path` holds either its old content or all of `payload`, whatever happens meanwhile."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """`path` holds either its old content or all of `text`, whatever happens meanwhile (kill -9 included)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_beside(path)
     with open(temporary, "w") as handle:
-        handle.write(json.dumps(payload, indent=2, default=str))
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     _replace(temporary, path)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
 def write_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

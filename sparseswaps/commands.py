@@ -243,7 +243,9 @@ def splice_section(path: Path, section: str, body: str) -> None:
     if begin not in text or end not in text:
         raise UserError(f"{path} has no markers {begin} ... {end} to write between")
     head, rest = text.split(begin, 1)
-    path.write_text(f"{head}{begin}\n{body.strip()}\n{end}{rest.split(end, 1)[1]}")
+    from .checkpoint import write_text_atomic
+
+    write_text_atomic(path, f"{head}{begin}\n{body.strip()}\n{end}{rest.split(end, 1)[1]}")
 
 
 REGISTRARS = [add_prune, add_evaluate, add_extract, add_gaps, add_report]

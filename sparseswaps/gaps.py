@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .checkpoint import write_json_atomic
+from .checkpoint import write_json_atomic, write_text_atomic
 from .errors import UserError
 from .instances import Instance
 from .registry import get_solver, parse_option_values, solve
@@ -234,7 +234,7 @@ def write_report(jsonl: Path, folder: Path) -> str:
         f"Largest d at which every row was proven optimal within {time_limit} s: " +
         ", ".join(f"{solver}: {d}" for solver, d in sorted(closed.items())), ""])
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "gaps.md").write_text(text)
+    write_text_atomic(folder / "gaps.md", text)
     plot_gaps(records, folder)
     return text
 

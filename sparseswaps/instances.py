@@ -40,12 +40,12 @@ class Instance:
         return MaskProblem(self.weight, self.gram, sparsity=share, name=self.name)
 
     def save(self, folder: Path) -> Path:
-        from safetensors.torch import save_file
+        from .checkpoint import write_safetensors_atomic
 
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{self.name}.safetensors"
         tensors = {"weight": self.weight.contiguous(), "gram": self.gram.contiguous()}
-        save_file(tensors, str(path), metadata={"meta": json.dumps(self.meta)})
+        write_safetensors_atomic(path, tensors, metadata={"meta": json.dumps(self.meta)})
         return path
 
 
