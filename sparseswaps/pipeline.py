@@ -28,7 +28,7 @@ from .data import EVAL_CORPORA, calibration_windows, provenance
 from .errors import UserError
 from .evaluate import streaming_perplexities
 from .models import LazyModel, needs_bos_per_window, open_model
-from .problem import MaskProblem, ProblemError, pruned_first, resolve_pattern
+from .problem import MaskProblem, ProblemError, resolve_pattern
 from .registry import get_solver, solve
 from .zeroshot import check_tasks, zero_shot
 
@@ -336,23 +336,65 @@ def prune_group(names, weights, statistics, config, device) -> tuple[list[dict],
 
 
 def least_squares_update(problem: MaskProblem, mask: torch.Tensor, damping: float = 1e-6,
-                         budget_bytes: int = 1 << 30) -> torch.Tensor:
-    """Kept weights of each row re-fitted by least squares: w'_K = G_KK⁻¹ (G w)_K, w'_¬K = 0. Rows are
-    solved in batches whose dense kept-by-kept systems fit `budget_bytes`."""
+                         tolerance: float = 1e-10) -> torch.Tensor:
+    """Kept weights of each row re-fitted by least squares, w'_K = (G_KK + λI)⁻¹ (G w)_K and w'_¬K = 0, with
+    λ = damping · mean(diag G).
+
+    All rows at once by conjugate gradients on masked Gram products, Jacobi-preconditioned, in float64: one
+    [rows, d] x [d, d] product per iteration and O(rows · d) memory (a dense kept-by-kept system per row
+    needs rows · k² · 8 bytes, 26 GB per 64 rows of an 8B-shaped down_proj). A row is done once its residual
+    is below `tolerance` times its right-hand side; rows still short of it after 2k + 10 iterations (an
+    ill-conditioned kept block) are solved exactly by dense solves, so no row returns an approximation.
+    """
     gram = problem.gram.to(torch.float64)
-    gram = gram + damping * gram.diagonal().mean() * torch.eye(problem.d, dtype=gram.dtype, device=gram.device)
-    weight = problem.weight.to(torch.float64)
-    target = weight @ gram
-    updated = torch.zeros_like(weight)
+    diagonal = gram.diagonal() + damping * gram.diagonal().mean()
+    weight, keep = problem.weight.to(torch.float64), mask.to(torch.float64)
+
+    def normal_product(v):
+        return (v @ gram + (diagonal - gram.diagonal()) * v) * keep
+
+    precondition = keep * torch.where(diagonal > 0, 1 / diagonal, 0)
+    rhs = (weight @ gram) * keep
+    solution = weight * keep
+    residual = rhs - normal_product(solution)
+    direction = residual * precondition
+    rz = (residual * direction).sum(1)
+    limit = tolerance * rhs.norm(dim=1)
+    for _ in range(2 * problem.keep + 10):
+        active = residual.norm(dim=1) > limit
+        if not bool(active.any()):
+            break
+        product = normal_product(direction)
+        step = torch.where(active, rz / (direction * product).sum(1), 0)
+        solution += step[:, None] * direction
+        residual -= step[:, None] * product
+        preconditioned = residual * precondition
+        rz_next = (residual * preconditioned).sum(1)
+        direction = preconditioned + torch.where(active, rz_next / rz, 0)[:, None] * direction
+        rz = rz_next
+    unsolved = (residual.norm(dim=1) > limit).nonzero().flatten()
+    if len(unsolved):
+        solution[unsolved] = _dense_least_squares(problem, mask, unsolved, gram + torch.diag(diagonal - gram.diagonal()),
+                                                  rhs)
+    return solution.to(problem.weight.dtype)
+
+
+def _dense_least_squares(problem, mask, rows, system_matrix, rhs, budget_bytes: int = 1 << 30) -> torch.Tensor:
+    """Exact solves of the kept-by-kept systems of `rows`, in batches whose systems fit `budget_bytes`."""
     kept = problem.keep
-    batch_rows = max(1, budget_bytes // (2 * kept * kept * gram.element_size()))
-    for start in range(0, problem.rows, batch_rows):
-        rows = slice(start, start + batch_rows)
-        index = pruned_first(~mask[rows])[:, :kept]   # the kept entries, ascending
-        system = gram[index.unsqueeze(2), index.unsqueeze(1)]
-        rhs = torch.gather(target[rows], 1, index).unsqueeze(2)
-        updated[rows].scatter_(1, index, torch.linalg.solve(system, rhs).squeeze(2))
-    return updated.to(problem.weight.dtype)
+    solution = torch.zeros(len(rows), problem.d, dtype=torch.float64, device=rhs.device)
+    batch = max(1, budget_bytes // (2 * kept * kept * 8))
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        index = mask[chunk].nonzero()[:, 1].view(len(chunk), kept)   # the kept entries, ascending
+        factor, info = torch.linalg.cholesky_ex(system_matrix[index.unsqueeze(2), index.unsqueeze(1)])
+        if bool((info > 0).any()):
+            raise UserError(f"{problem.name or 'a layer'}: the kept block of G is not positive definite for some rows "
+                            "(a dead or repeated input among the kept ones), so their least-squares weights are not "
+                            "unique: raise the damping (λ = damping · mean diag G)")
+        values = torch.cholesky_solve(torch.gather(rhs[chunk], 1, index).unsqueeze(2), factor).squeeze(2)
+        solution[start:start + len(chunk)].scatter_(1, index, values)
+    return solution
 
 
 def _all_overrides(lazy: LazyModel, store) -> dict:

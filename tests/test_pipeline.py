@@ -174,3 +174,68 @@ def test_least_squares_update_refits_the_kept_weights():
     assert (problem.reconstruction_error(updated) <= problem.objective(mask) * (1 + 1e-12)).all()
     gradient = (problem.weight - updated) @ problem.gram          # normal equations on the kept set
     assert gradient[mask].abs().max() < 1e-8 * gradient.abs().max().clamp_min(1)
+
+
+def dense_least_squares(problem, mask, damping):
+    """One dense kept-by-kept solve per row, in float64: the oracle for the batched solver."""
+    gram = problem.gram.double()
+    gram = gram + damping * gram.diagonal().mean() * torch.eye(problem.d, dtype=torch.float64)
+    target = problem.weight.double() @ problem.gram.double()
+    updated = torch.zeros(problem.rows, problem.d, dtype=torch.float64)
+    for row in range(problem.rows):
+        kept = mask[row].nonzero().flatten()
+        updated[row, kept] = torch.linalg.solve(gram[kept][:, kept], target[row, kept])
+    return updated
+
+
+@pytest.mark.parametrize("family, d, spec", [("correlated", 200, {"sparsity": 0.6}), ("outliers", 96, {"pattern": "2:4"})])
+def test_least_squares_update_equals_the_dense_solves(family, d, spec):
+    from conftest import make_problem
+    from sparseswaps import solve
+    from sparseswaps.pipeline import least_squares_update
+
+    problem, _ = make_problem(family, rows=12, d=d, seed=4, tokens=4 * d, **spec)
+    mask = solve(problem, "wanda").mask
+    expected = dense_least_squares(problem, mask, 1e-6)
+    updated = least_squares_update(problem, mask, damping=1e-6)
+    assert ((updated - expected).norm(dim=1) <= 1e-6 * expected.norm(dim=1)).all()
+
+
+def test_least_squares_update_on_a_real_layer_equals_the_dense_solves():
+    from pathlib import Path
+
+    from sparseswaps import solve
+    from sparseswaps.instances import load_instances
+    from sparseswaps.pipeline import least_squares_update
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "instances" / "smollm2"
+    instance = next(i for i in load_instances(folder) if i.d == 64)
+    problem = instance.problem("50%")
+    mask = solve(problem, "wanda").mask
+    expected = dense_least_squares(problem, mask, 1e-6)
+    assert ((least_squares_update(problem, mask).double() - expected).norm(dim=1)
+            <= 1e-6 * expected.norm(dim=1)).all()
+
+
+def test_a_singular_kept_block_gets_a_true_minimiser_or_a_clear_error():
+    """A dead input (a zero column of X) among the kept ones: G_KK is singular, but the system is consistent
+    and conjugate gradients end at a minimiser (zero gradient on the kept entries)."""
+    from sparseswaps import MaskProblem
+    from sparseswaps.errors import UserError
+    from sparseswaps.pipeline import least_squares_update
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, dtype=torch.float64, generator=generator)
+    x[:, 0] = 0
+    problem = MaskProblem(torch.randn(2, 8, dtype=torch.float64, generator=generator), x.T @ x, sparsity=0.5,
+                          check_psd=False)
+    mask = torch.tensor([[True] * 4 + [False] * 4] * 2)
+    updated = least_squares_update(problem, mask, damping=0.0)
+    gradient = (problem.weight - updated) @ problem.gram
+    assert gradient[mask].abs().max() < 1e-8 * problem.gram.abs().max() * problem.weight.abs().max()
+    assert (problem.reconstruction_error(updated) <= problem.objective(mask) * (1 + 1e-12)).all()
+    # rows conjugate gradients leave unsolved go to dense solves: singular there is an error, damped it is exact
+    with pytest.raises(UserError, match="raise the damping"):
+        least_squares_update(problem, mask, damping=0.0, tolerance=0.0)
+    damped = least_squares_update(problem, mask, damping=1e-3, tolerance=0.0)
+    assert torch.allclose(damped, dense_least_squares(problem, mask, 1e-3), rtol=1e-9, atol=1e-12)
