@@ -110,14 +110,13 @@ def summarise(report: dict, method: str, wall: float) -> dict:
     blocks = report["blocks"]
     stages = {stage: sum(block[stage] for block in blocks) for stage in
               ("load_s", "gram_s", "solve_s", "propagate_s", "checkpoint_s")}
-    config = json.loads(json.dumps(report["config"]))
     return {"method": method, "blocks": len(blocks), "pruning_seconds": report["summary"]["pruning_seconds"],
             "outside_solver_share": 1 - stages["solve_s"] / report["summary"]["pruning_seconds"],
             "stage_seconds": stages, "peak_host_gib": report["summary"]["peak_host_gib"],
             "peak_gpu_gib": report["summary"]["peak_gpu_gib"], "wall_s": wall,
             "perplexity_random_weights": {k: v["ppl"] for k, v in report["perplexity"]["pruned"].items()},
             "scan_dtypes": sorted({row.get("scan_dtype") for row in report["layers"] if row.get("scan_dtype")}),
-            "mean_reduction": report["summary"]["mean_reduction"], "config": config,
+            "mean_reduction": report["summary"]["mean_reduction"], "config": report["config"],
             "per_block": blocks, "environment": report["environment"]}
 
 

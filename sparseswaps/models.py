@@ -189,7 +189,9 @@ class LazyModel:
         tensors = self.read([name for name in names if name not in overrides])
         for name in names:
             value = overrides[name] if name in overrides else tensors[name]
-            set_module_tensor_to_device(self.model, name, device, value=value.to(self.dtype))
+            if value.is_floating_point():
+                value = value.to(self.dtype)
+            set_module_tensor_to_device(self.model, name, device, value=value)
 
     def release(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
