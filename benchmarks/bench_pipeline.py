@@ -128,6 +128,11 @@ def sizes(shape: str, blocks: int, nsamples: int, seqlen: int) -> dict:
     return {"block_gib": block_params * 2 / 2**30, "calibration_activations_gib": nsamples * seqlen * h * 2 / 2**30}
 
 
+def swap_setting(options: dict) -> str:
+    per_scan = options.get("swaps_per_scan", 1)
+    return f" (≤ {options.get('max_iters')} scans, {per_scan} swap{'s' if per_scan > 1 else ''}/scan)"
+
+
 def table(runs: list[dict]) -> str:
     lines = ["| model shape | blocks | method | pruning s | outside solver | load | Gram | solve | propagate | "
              "checkpoint | peak host GiB | peak GPU GiB | 3 blocks + activations GiB | scan dtype |",
@@ -136,8 +141,8 @@ def table(runs: list[dict]) -> str:
         stage = run["stage_seconds"]
         gpu = "-" if run["peak_gpu_gib"] is None else f"{run['peak_gpu_gib']:.1f}"
         bound = 3 * run["sizes"]["block_gib"] + run["sizes"]["calibration_activations_gib"]
-        iters = run["config"]["solver_options"].get("max_iters")
-        method = run["method"] + (f" ({iters} scans)" if run["method"].endswith("swaps") else "")
+        method = run["method"] + (swap_setting(run["config"]["solver_options"]) if run["method"].endswith("swaps")
+                                  else "")
         lines.append(f"| {run['model_shape']} | {run['blocks']} | {method} | {run['pruning_seconds']:.1f} | "
                      f"{run['outside_solver_share']:.0%} | {stage['load_s']:.1f} | {stage['gram_s']:.1f} | "
                      f"{stage['solve_s']:.1f} | {stage['propagate_s']:.1f} | {stage['checkpoint_s']:.1f} | "

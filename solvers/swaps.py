@@ -358,10 +358,17 @@ def _settle(best, i, j, w64, c64, gram64, work_mask, mask, ids, swaps, converged
 def _candidate_swaps(top, active, w64, c64, gram64, work_mask, mask, ids, swaps) -> None:
     """After a scan's best swap: each candidate column j in turn, with its best pruned i on the current
     state, applied where Δ < 0 in float64 (an exact improving 1-swap, whatever the scan thought)."""
-    if not c64.is_cuda and swaps_cpu.AVAILABLE and c64.is_contiguous() and work_mask.is_contiguous():
+    if c64.is_cuda and swaps_triton.AVAILABLE:
+        swaps_triton.candidate_swaps(top, active, w64, c64, gram64, work_mask, mask, ids, swaps)
+    elif not c64.is_cuda and swaps_cpu.AVAILABLE and c64.is_contiguous() and work_mask.is_contiguous():
         swaps[ids] += swaps_cpu.candidate_swaps_numba(top, active, w64, c64, gram64, work_mask)
         mask[ids] = work_mask
-        return
+    else:
+        candidate_swaps_torch(top, active, w64, c64, gram64, work_mask, mask, ids, swaps)
+
+
+def candidate_swaps_torch(top, active, w64, c64, gram64, work_mask, mask, ids, swaps) -> None:
+    """`_candidate_swaps` in batched torch, one candidate column of every row at a time (the reference)."""
     rows = torch.arange(len(ids), device=w64.device)
     for column in top.T.contiguous():
         restore, prune = masked_swap_terms(w64, work_mask, c64, gram64)

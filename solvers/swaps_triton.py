@@ -337,6 +337,57 @@ if AVAILABLE:
         tl.store(going_on + p, (swap & (iterations < max_iters)).to(tl.uint8), mask=ok)
 
 
+    @triton.jit
+    def _candidate_kernel(top, active, weight, c, gram, diag, work_mask, mask, ids, swaps, d, K: tl.constexpr,
+                          BLOCK: tl.constexpr):  # pragma: no cover
+        """Row p of the working set, float64 throughout: for each candidate column j in top[p] in turn, the
+        pruned i minimising Δ_ij = a_i + b_j - 2 w_i w_j G_ij on the current state; where j is still kept and
+        Δ < 0, restore i, prune j (both masks) and update c. Ties go to the smallest i."""
+        p = tl.program_id(0).to(tl.int64)
+        row_active = tl.load(active + p) != 0
+        r = tl.load(ids + p)
+        count = tl.zeros([], tl.int64)
+        for k in range(0, K):
+            j = tl.load(top + p * K + k)
+            w_j, c_j = tl.load(weight + p * d + j), tl.load(c + p * d + j)
+            prune_j = w_j * w_j * tl.load(diag + j) + 2 * w_j * c_j
+            best = tl.full([], float("inf"), tl.float64)
+            best_i = tl.zeros([], tl.int64) + d
+            for start in range(0, d, BLOCK):
+                i = start + tl.arange(0, BLOCK)
+                ok = i < d
+                w = tl.load(weight + p * d + i, mask=ok, other=0.0)
+                kept = tl.load(work_mask + p * d + i, mask=ok, other=1) != 0
+                restore = w * w * tl.load(diag + i, mask=ok, other=0.0) - 2 * w * tl.load(c + p * d + i, mask=ok,
+                                                                                            other=0.0)
+                value = tl.where(kept, float("inf"), restore - 2 * w * w_j * tl.load(gram + j * d + i, mask=ok,
+                                                                                       other=0.0))
+                low = tl.min(value, 0)
+                low_i = tl.min(tl.where(value == low, i, d), 0).to(tl.int64)
+                better = low < best
+                best_i = tl.where(better, low_i, best_i)
+                best = tl.where(better, low, best)
+            j_kept = tl.load(work_mask + p * d + j) != 0
+            swap = row_active & j_kept & (best + prune_j < 0) & (best_i < d)
+            i_ = tl.where(swap, best_i, j)
+            w_i = tl.load(weight + p * d + i_)
+            tl.debug_barrier()          # every thread has read the state before any writes it
+            one, zero = tl.full([], 1, tl.uint8), tl.full([], 0, tl.uint8)
+            tl.store(work_mask + p * d + i_, one, mask=swap)
+            tl.store(work_mask + p * d + j, zero, mask=swap)
+            tl.store(mask + r * d + i_, one, mask=swap)
+            tl.store(mask + r * d + j, zero, mask=swap)
+            for start in range(0, d, BLOCK):
+                columns = start + tl.arange(0, BLOCK)
+                ok = (columns < d) & swap
+                step = w_j * tl.load(gram + j * d + columns, mask=ok, other=0.0) - w_i * tl.load(
+                    gram + i_ * d + columns, mask=ok, other=0.0)
+                tl.store(c + p * d + columns, tl.load(c + p * d + columns, mask=ok, other=0.0) + step, mask=ok)
+            tl.debug_barrier()          # the next candidate reads the updated state
+            count += swap.to(tl.int64)
+        tl.store(swaps + r, tl.load(swaps + r) + count)
+
+
 class ScanTerms(NamedTuple):
     """The operands of one scan (see _terms_kernel); rows_k x d_k is what the kernel sees."""
     restore: torch.Tensor
@@ -403,6 +454,16 @@ def settle(best, i, j, w64, c64, gram64, work_mask, mask, ids, swaps, converged,
                                             BLOCK=block)
     update_c(c64, w64, gram64, i, j, improving)
     return going_on
+
+
+def candidate_swaps(top, active, w64, c64, gram64, work_mask, mask, ids, swaps) -> None:
+    """swaps._candidate_swaps on CUDA in one kernel (one program per row, the candidates in order)."""
+    n, d = c64.shape
+    if n:
+        top = top.contiguous()
+        _candidate_kernel[(n,)](top, active.contiguous().view(torch.uint8), w64, c64, gram64,
+                                gram64.diagonal().contiguous(), work_mask.view(torch.uint8), mask.view(torch.uint8),
+                                ids, swaps, d, top.shape[1], BLOCK=1024)
 
 
 def scan_per_row_triton(w, mask, c, gram, pattern, kernel: str = "auto"):

@@ -108,6 +108,20 @@ def to_device(value, device):
     return value
 
 
+HALF_INPUTS = (torch.bfloat16, torch.float16)
+
+
+def accumulate_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """gram += xᵀx. Half-precision inputs on CUDA go through the tensor cores with float32 output: a product
+    of two bfloat16 (or float16) numbers is exact in float32 and the sums are float32 as before, so this is
+    the float32 Gram up to summation order, at tensor-core speed (benchmarks/results/gram_bf16_h200.md)."""
+    if x.is_cuda and x.dtype in HALF_INPUTS and gram.dtype == torch.float32:
+        gram.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+    else:
+        x = x.to(gram.dtype)
+        gram.addmm_(x.T, x)
+
+
 class GramAccumulator:
     """Running G = Σ xᵀx, Σ x and the token count of one linear layer's inputs (forward hook)."""
 
@@ -118,8 +132,8 @@ class GramAccumulator:
         self.samples = 0
 
     def hook(self, module, inputs, output):
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(self.gram.dtype)
-        self.gram.addmm_(x.T, x)
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+        accumulate_gram(self.gram, x)
         self.total += x.sum(0, dtype=torch.float64)
         self.tokens += x.shape[0]
         self.samples += 1

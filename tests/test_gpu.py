@@ -132,6 +132,32 @@ def test_operand_kernels_match_torch(rows, d, keep):
     assert swapped[rows_, i[rows_]].all() and not swapped[rows_, j[rows_]].any()
 
 
+@pytest.mark.parametrize("rows, d, keep, k", [(7, 64, 32, 4), (33, 200, 80, 16), (5, 2100, 1050, 8)])
+def test_candidate_kernel_applies_the_swaps_of_the_torch_reference(rows, d, keep, k):
+    """swaps_triton.candidate_swaps (one program per row, float64) restores and prunes what
+    candidate_swaps_torch does, and leaves c = G (w ⊙ ¬m) as it does; inactive rows and candidates that are
+    no longer kept are left alone."""
+    from solvers.swaps import candidate_swaps_torch
+    from solvers.swaps_triton import candidate_swaps
+
+    w, mask, _, gram = random_state(rows, d, keep, 2)
+    w64, gram64 = w.double(), gram.double()
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    top = torch.stack([torch.randperm(d, device="cuda", generator=generator)[:k] for _ in range(rows)])
+    active = torch.arange(rows, device="cuda") % 3 != 1
+    ids = torch.arange(rows, device="cuda")
+    states = []
+    for apply in (candidate_swaps_torch, candidate_swaps):
+        work_mask, full_mask = mask.clone(), mask.clone()
+        c64, swaps = (w64 * ~mask) @ gram64, torch.zeros(rows, dtype=torch.long, device="cuda")
+        apply(top, active, w64, c64, gram64, work_mask, full_mask, ids, swaps)
+        states.append((work_mask, full_mask, c64, swaps))
+    (ref_mask, ref_full, ref_c, ref_swaps), (got_mask, got_full, got_c, got_swaps) = states
+    assert torch.equal(got_mask, ref_mask) and torch.equal(got_full, ref_full) and torch.equal(got_swaps, ref_swaps)
+    assert ref_swaps.sum() > 0 and (ref_swaps[~active] == 0).all()
+    torch.testing.assert_close(got_c, (w64 * ~got_mask) @ gram64, rtol=1e-10, atol=1e-8 * ref_c.abs().max().item())
+
+
 @pytest.mark.parametrize("spec", [{"sparsity": 0.5}, {"sparsity": 0.7}])
 def test_float16_refinement_stops_at_a_float32_local_optimum(spec):
     problem, _ = make_problem("outliers", rows=64, d=256, seed=3, **spec)
@@ -172,3 +198,23 @@ def test_scan_dtype_auto_takes_the_float16_filter_for_wide_rows_on_cuda():
         w, mask, _, gram = random_state(4, d, d // 2, 0)
         problem = ss.MaskProblem(w, gram, sparsity=0.5)
         assert ss.solve(problem, "swaps", max_iters=2).extra["dtype"] == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_accumulate_the_float32_gram_on_tensor_cores(dtype):
+    """accumulate_gram's tensor-core route equals float32 accumulation of the upcast inputs up to
+    summation order: both within float32 rounding of the float64 sums."""
+    from sparseswaps.calibration import accumulate_gram
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    chunks = [(torch.randn(512, 384, device="cuda", generator=generator) * 4).to(dtype) for _ in range(3)]
+    fast, upcast = (torch.zeros(384, 384, device="cuda") for _ in range(2))
+    reference = torch.zeros(384, 384, device="cuda", dtype=torch.float64)
+    for x in chunks:
+        accumulate_gram(fast, x)
+        upcast.addmm_(x.float().T, x.float())
+        reference.addmm_(x.double().T, x.double())
+    scale = reference.abs().max().item()
+    for gram in (fast, upcast):
+        assert gram.dtype == torch.float32
+        assert (gram.double() - reference).abs().max().item() <= 1e-5 * scale
