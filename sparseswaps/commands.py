@@ -30,8 +30,9 @@ def add_prune(commands) -> None:
     group.add_argument("--sparsity", type=float, help="share of every row pruned (default 0.5)")
     group.add_argument("--pattern", help="N:M pattern, keep N of every M consecutive inputs, e.g. 2:4")
     parser.add_argument("--protocol", default="quick", choices=["quick", "paper"],
-                        help="quick: 16 x 512 calibration, 32 WikiText-2 windows, <= 5 swap iterations; paper: "
-                             "128 x 2048, full WikiText-2 and C4, <= 100 swap iterations (default: quick)")
+                        help="quick: 16 x 512 calibration, 32 WikiText-2 windows, swaps to a local optimum (<= 100 "
+                             "scans, 16 swaps per scan), Wanda alone as a baseline; paper: 128 x 2048, full "
+                             "WikiText-2 and C4, <= 100 best-improvement swaps (default: quick)")
     parser.add_argument("--nsamples", type=int, help="calibration windows (overrides the protocol)")
     parser.add_argument("--seqlen", type=int, help="tokens per window (overrides the protocol)")
     parser.add_argument("--seed", type=int, default=0)
@@ -147,6 +148,66 @@ def run_evaluate(args) -> int:
     return 0
 
 
+def add_speed(commands) -> None:
+    parser = commands.add_parser("speed", help="prefill and decode throughput on a GPU, dense against 2:4 sparse "
+                                               "tensor cores, for a model pruned to 2:4 (saved with --save)")
+    _add_model_arguments(parser)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--batch", type=int, default=4, help="sequences per forward")
+    parser.add_argument("--prefill", type=int, default=2048, help="prompt tokens per sequence, prefill measurement")
+    parser.add_argument("--prompt", type=int, default=512, help="tokens in the KV cache before decoding")
+    parser.add_argument("--decode", type=int, default=64, help="generated tokens per sequence, decode measurement")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--eval", default="wikitext2", help="corpus for the perplexity check of the converted model")
+    parser.add_argument("--eval-windows", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--out", type=Path, help="result JSON")
+    parser.set_defaults(run=run_speed)
+
+
+def run_speed(args) -> int:
+    import math
+
+    from .data import evaluation_windows
+    from .evaluate import window_losses
+    from .models import load_model
+    from .pipeline import environment, write_json_atomic
+    from .speed import (HALF_DTYPES, block_linears, check_nm, require_sparse_tensor_cores, semi_structured_backend,
+                        speedups, throughput, to_semi_structured)
+
+    if args.out is not None and args.out.exists():
+        raise UserError(f"{args.out} already exists: choose another path or remove it (nothing is overwritten)")
+    if min(args.batch, args.prefill, args.prompt, args.decode, args.repeats) < 1 or args.warmup < 0:
+        raise UserError("--batch, --prefill, --prompt, --decode and --repeats must be at least 1, --warmup at least 0")
+    device = require_sparse_tensor_cores()
+    model, tokenizer, info = load_model(args.model, dtype=HALF_DTYPES[args.dtype], tokenizer=args.tokenizer)
+    layers = block_linears(model)
+    check_nm(layers)
+    model.to(device).eval()
+    windows = evaluation_windows(args.eval, tokenizer, args.seqlen, max_windows=args.eval_windows)
+    settings = {key: getattr(args, key) for key in ("batch", "prefill", "prompt", "decode", "repeats", "warmup")}
+    vocab = model.config.vocab_size
+    measured = {}
+    for variant in ("dense with zeros", "2:4 semi-structured"):
+        if variant.startswith("2:4"):
+            to_semi_structured(layers)
+        loss = window_losses(model, windows.input_ids, device, desc=f"ppl ({variant})").mean().item()
+        measured[variant] = {"perplexity": math.exp(loss), **throughput(model, settings, vocab)}
+    dense, sparse = measured.values()
+    results = {"command": "sparseswaps speed " + " ".join(args.argv), "model": info, "dtype": args.dtype,
+               "layers_converted": len(layers), "backend": semi_structured_backend(), "settings": settings,
+               "perplexity_windows": windows.info, "measured": measured, "speedup": speedups(dense, sparse),
+               "environment": environment()}
+    for variant, entry in measured.items():
+        print(f"{variant:<20} ppl {entry['perplexity']:.3f}  prefill {entry['prefill']['tokens_per_s']:,.0f} tok/s  "
+              f"decode {entry['decode']['tokens_per_s']:,.0f} tok/s")
+    print("speedup: " + ", ".join(f"{phase} {value:.2f}x" for phase, value in results["speedup"].items()))
+    if args.out is not None:
+        write_json_atomic(args.out, results)
+    return 0
+
+
 def _ints(text: str) -> list[int]:
     return [int(item) for item in _csv(text)]
 
@@ -248,4 +309,4 @@ def splice_section(path: Path, section: str, body: str) -> None:
     write_text_atomic(path, f"{head}{begin}\n{body.strip()}\n{end}{rest.split(end, 1)[1]}")
 
 
-REGISTRARS = [add_prune, add_evaluate, add_extract, add_gaps, add_report]
+REGISTRARS = [add_prune, add_evaluate, add_speed, add_extract, add_gaps, add_report]

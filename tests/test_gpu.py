@@ -218,3 +218,35 @@ def test_half_inputs_accumulate_the_float32_gram_on_tensor_cores(dtype):
     for gram in (fast, upcast):
         assert gram.dtype == torch.float32
         assert (gram.double() - reference).abs().max().item() <= 1e-5 * scale
+
+
+def test_speed_converts_a_two_four_model_and_keeps_its_perplexity(tmp_path):
+    """`sparseswaps speed` on a 2:4-pruned bf16 model: every block linear converted, perplexity of the
+    semi-structured model equal to the dense-with-zeros model's within bf16 rounding, throughput reported."""
+    import json
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from sparseswaps import NM, cli
+    from sparseswaps.speed import block_linears
+    from tiny_models import tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=400, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    layers = block_linears(model)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.weight.mul_(mask_from_scores(layer.weight.abs(), NM(2, 4)))
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    out = tmp_path / "speed.json"
+    assert cli.main(["speed", "--model", str(tmp_path / "model"), "--batch", "2", "--prefill", "128", "--prompt",
+                     "32", "--decode", "4", "--repeats", "2", "--warmup", "1", "--eval-windows", "2", "--seqlen",
+                     "128", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["layers_converted"] == len(layers) == 14
+    dense, sparse = result["measured"]["dense with zeros"], result["measured"]["2:4 semi-structured"]
+    assert sparse["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-2)
+    assert all(entry[phase]["tokens_per_s"] > 0 for entry in (dense, sparse) for phase in ("prefill", "decode"))
