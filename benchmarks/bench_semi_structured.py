@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from sparseswaps import NM, mask_from_scores  # noqa: E402
 from sparseswaps.errors import UserError  # noqa: E402
 from sparseswaps.pipeline import environment  # noqa: E402
-from sparseswaps.speed import (block_linears, check_nm, cuda_seconds, require_sparse_tensor_cores,  # noqa: E402
-                               speedups, throughput, to_semi_structured)
+from sparseswaps.speed import (block_linears, check_nm, cuda_seconds, kernel_seconds,  # noqa: E402
+                               require_sparse_tensor_cores, speedups, throughput, to_semi_structured)
 
 LAYERS = {"llama3-8b": {"q/o_proj": (4096, 4096), "k/v_proj": (1024, 4096), "gate/up_proj": (14336, 4096),
                         "down_proj": (4096, 14336)},
@@ -49,11 +49,16 @@ def backends() -> list[str]:
         SparseSemiStructuredTensor._FORCE_CUTLASS = force
         try:
             probe = two_four(torch.randn(128, 128, device="cuda", dtype=torch.bfloat16))
-            torch.sparse.to_sparse_semi_structured(probe)
+            F.linear(torch.randn(64, 128, device="cuda", dtype=torch.bfloat16),
+                     torch.sparse.to_sparse_semi_structured(probe))
             found.append(name)
         except (RuntimeError, ValueError) as error:
             print(f"backend {name} unavailable: {error}", flush=True)
+            UNAVAILABLE[name] = str(error)
     return found
+
+
+UNAVAILABLE: dict[str, str] = {}
 
 
 def layer_rows(repeats: int, warmup: int) -> list[dict]:
@@ -72,14 +77,17 @@ def layer_rows(repeats: int, warmup: int) -> list[dict]:
                     x = torch.randn(tokens, in_features, device="cuda", dtype=torch.bfloat16, generator=generator)
                     dense_s = statistics.median(cuda_seconds(lambda: F.linear(x, weight), repeats, warmup))
                     sparse_s = statistics.median(cuda_seconds(lambda: F.linear(x, sparse), repeats, warmup))
+                    dense_kernel_s = kernel_seconds(lambda: F.linear(x, weight), repeats, warmup)
+                    sparse_kernel_s = kernel_seconds(lambda: F.linear(x, sparse), repeats, warmup)
                     reference = F.linear(x, weight).float()
                     error = ((F.linear(x, sparse).float() - reference).norm() / reference.norm()).item()
                     rows.append({"backend": backend, "model_shape": shape, "layer": layer,
                                  "out_features": out_features, "in_features": in_features, "tokens": tokens,
                                  "dense_s": dense_s, "sparse_s": sparse_s, "speedup": dense_s / sparse_s,
+                                 "dense_kernel_s": dense_kernel_s, "sparse_kernel_s": sparse_kernel_s,
+                                 "kernel_speedup": dense_kernel_s / sparse_kernel_s,
                                  "relative_output_difference": error})
                     print(json.dumps(rows[-1]), flush=True)
-                del weight, sparse
     SparseSemiStructuredTensor._FORCE_CUTLASS = False
     return rows
 
@@ -119,17 +127,21 @@ def end_to_end(settings: dict) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| backend | shape | layer (out x in) | " + " | ".join(f"{t} tok" for t in TOKENS) + " |",
-             "|---|---|---|" + "---:|" * len(TOKENS)]
-    keyed = {}
-    for row in report["layers"]:
-        keyed.setdefault((row["backend"], row["model_shape"], row["layer"], row["out_features"], row["in_features"]),
-                         {})[row["tokens"]] = row["speedup"]
-    for (backend, shape, layer, out_features, in_features), by_tokens in keyed.items():
-        lines.append(f"| {backend} | {shape} | {layer} ({out_features}x{in_features}) | "
-                     + " | ".join(f"{by_tokens[t]:.2f}x" for t in TOKENS) + " |")
-    lines.append("\nSpeedup = dense bf16 matmul time / 2:4 semi-structured time (median of repeats); > 1 means 2:4 "
-                 "is faster.")
+    lines = []
+    for key, title in (("kernel_speedup", "GPU kernel time (torch.profiler)"),
+                       ("speedup", "time per call (CUDA events: kernels plus the host work between them)")):
+        lines += [f"Speedup of 2:4 over dense bf16, {title}:", "",
+                  "| backend | shape | layer (out x in) | " + " | ".join(f"{t} tok" for t in TOKENS) + " |",
+                  "|---|---|---|" + "---:|" * len(TOKENS)]
+        keyed = {}
+        for row in report["layers"]:
+            keyed.setdefault((row["backend"], row["model_shape"], row["layer"], row["out_features"],
+                              row["in_features"]), {})[row["tokens"]] = row[key]
+        for (backend, shape, layer, out_features, in_features), by_tokens in keyed.items():
+            lines.append(f"| {backend} | {shape} | {layer} ({out_features}x{in_features}) | "
+                         + " | ".join(f"{by_tokens[t]:.2f}x" for t in TOKENS) + " |")
+        lines.append("")
+    lines += [f"Backend {name} unavailable here: {reason}" for name, reason in report.get("unavailable", {}).items()]
     for run in report.get("end_to_end", []):
         s = run["settings"]
         lines.append(f"\nEnd to end, {run['model_shape']}-shaped model ({run['layers_converted']} linears converted, "
@@ -153,8 +165,10 @@ def plot(report: dict, path: Path) -> None:
             for layer in LAYERS[shape]:
                 rows = [r for r in report["layers"] if (r["model_shape"], r["layer"], r["backend"]) ==
                         (shape, layer, backend)]
-                axis.plot([r["tokens"] for r in rows], [r["speedup"] for r in rows], marker="o",
-                          linestyle="-" if backend == "cusparselt" else "--", label=f"{layer} ({backend})")
+                line, = axis.plot([r["tokens"] for r in rows], [r["kernel_speedup"] for r in rows], marker="o",
+                                  label=f"{layer} ({backend}) kernels")
+                axis.plot([r["tokens"] for r in rows], [r["speedup"] for r in rows], marker=".", linestyle="--",
+                          color=line.get_color(), label=f"{layer} ({backend}) per call")
         axis.axhline(1, color="grey", linewidth=0.8)
         axis.set_xscale("log", base=2)
         axis.set_title(f"{shape} layer shapes")
@@ -178,7 +192,7 @@ def main() -> None:
     except UserError as error:
         raise SystemExit(str(error)) from error
     report = {"device": torch.cuda.get_device_name(), "layers": layer_rows(args.repeats, args.warmup),
-              "environment": environment()}
+              "unavailable": UNAVAILABLE, "environment": environment()}
     args.out.write_text(json.dumps(report, indent=1))
     if not args.no_end_to_end:
         settings = {"batch": 4, "prefill": 2048, "prompt": 512, "decode": 64, "repeats": 5, "warmup": 2}

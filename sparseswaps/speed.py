@@ -96,6 +96,22 @@ def cuda_seconds(run: Callable[[], object], repeats: int, warmup: int) -> list[f
     return times
 
 
+def kernel_seconds(run: Callable[[], object], repeats: int, warmup: int) -> float:
+    """GPU kernel time of one call of `run` (torch.profiler, mean over `repeats` after `warmup`): what the
+    call costs the GPU without the host-side work between kernels that `cuda_seconds` includes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(repeats):
+            run()
+        torch.cuda.synchronize()
+    total_us = sum(getattr(event, "self_device_time_total", 0) for event in profiler.key_averages())
+    return total_us / 1e6 / repeats
+
+
 def prefill_throughput(model, batch: int, tokens: int, repeats: int, warmup: int, vocab: int) -> dict:
     """Tokens per second of one forward over batch x tokens prompt tokens (no cache kept)."""
     ids = torch.randint(0, vocab, (batch, tokens), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
@@ -141,4 +157,4 @@ def throughput(model, settings: dict, vocab: int) -> dict:
 
 
 def speedups(dense: dict, sparse: dict) -> dict:
-    return {phase: sparse[phase]["tokens_per_s"] / dense[phase]["tokens_per_s"] for phase in dense}
+    return {phase: sparse[phase]["tokens_per_s"] / dense[phase]["tokens_per_s"] for phase in ("prefill", "decode")}
