@@ -7,8 +7,8 @@ the mask is chosen by w² / [H⁻¹]_jj² on the weights already updated by earl
 - `row_equal=False`: the paper's layer-wide threshold per block; the mask is then repaired with
   `problem.project` (extra["projected_flips"] counts the flips).
 - N:M uses SparseGPT's native selection (the m - n smallest of every group of m).
-The solver returns the mask; the updated weights (extra["weight"]) and their reconstruction error
-(w - ŵ)ᵀ G (w - ŵ) (extra["reconstruction_error"], per row in extra["row_reconstruction_error"]) are
+The solver returns the mask and the updated weights (`SolveResult.weight`; the registry recomputes their
+error (w - ŵ)ᵀ G (w - ŵ) in `weight_objective`, per row in `row_weight_objective`); both are
 reported beside it, since with the updates SparseGPT's error is far below the mask-only objective.
 """
 from __future__ import annotations
@@ -90,7 +90,4 @@ class SparseGPTSolver(Solver):
             extra["projected_flips"] = int((projected != mask).sum())
             mask = projected
             updated = torch.where(mask, updated, torch.zeros_like(updated))
-        row_error = problem.reconstruction_error(updated)
-        extra.update(weight=updated.to(problem.weight.dtype), row_reconstruction_error=row_error,
-                     reconstruction_error=float(row_error.sum()))
-        return Solution(mask, Termination.HEURISTIC, extra=extra)
+        return Solution(mask, Termination.HEURISTIC, extra=extra, weight=updated.to(problem.weight.dtype))

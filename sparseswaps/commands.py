@@ -30,7 +30,7 @@ def add_prune(commands) -> None:
     group.add_argument("--sparsity", type=float, help="share of every row pruned (default 0.5)")
     group.add_argument("--pattern", help="N:M pattern, keep N of every M consecutive inputs, e.g. 2:4")
     parser.add_argument("--protocol", default="quick", choices=["quick", "paper"],
-                        help="quick: 16 x 512 calibration, 32 WikiText-2 windows, swaps to a local optimum (<= 100 "
+                        help="quick: 16 x 512 calibration, 24 WikiText-2 windows, swaps to a local optimum (<= 100 "
                              "scans, 16 swaps per scan), Wanda alone as a baseline; paper: 128 x 2048, full "
                              "WikiText-2 and C4, <= 100 best-improvement swaps (default: quick)")
     parser.add_argument("--nsamples", type=int, help="calibration windows (overrides the protocol)")

@@ -37,7 +37,7 @@ from .zeroshot import check_tasks, zero_shot
 # full scan, capped at 100 scans (rows converge well before on SmolLM2; the report counts those that do).
 # The paper protocol is SparseGPT/Wanda's, with the paper's best-improvement swaps for up to 100 scans.
 PROTOCOLS = {
-    "quick": {"nsamples": 16, "seqlen": 512, "eval": ("wikitext2",), "eval_windows": 32,
+    "quick": {"nsamples": 16, "seqlen": 512, "eval": ("wikitext2",), "eval_windows": 24,
               "swap_options": {"max_iters": 100, "swaps_per_scan": 16}, "warm_start_baseline": True},
     "paper": {"nsamples": 128, "seqlen": 2048, "eval": ("wikitext2", "c4"), "eval_windows": None,
               "swap_options": {"max_iters": 100}, "warm_start_baseline": False},
@@ -279,7 +279,8 @@ def _prune_block(index, lazy, store, hidden, kwargs, config, device) -> tuple[li
         rows += [{"block": index, **row} for row in group_rows]
     rows.sort(key=lambda row: list(layers).index(row["layer"]))
     watch.lap("solve_s")
-    hidden = run_block(block, hidden, kwargs, device)
+    if index < len(lazy.blocks) - 1:       # the last block's outputs feed no block
+        hidden = run_block(block, hidden, kwargs, device)
     watch.lap("propagate_s")
     store.commit(index, {f"{name}.weight": layer.weight.data for name, layer in layers.items()}, masks,
                  {"block": index, "layers": rows, "timings": dict(watch.laps)})
@@ -301,11 +302,13 @@ def prune_group(names, weights, statistics, config, device) -> tuple[list[dict],
         raise UserError(f"layer {names[0]}: {error}") from None
     chain = [config.warm_start, config.solver] if config.warm_start else [config.solver]
     result = solve(problem, chain, **config.solver_options)   # on the problem's device
-    new_weight = result.extra.get("weight", problem.weight * result.mask)
-    reconstruction = result.extra.get("row_reconstruction_error")
+    new_weight = result.weight if result.weight is not None else problem.weight * result.mask
+    reconstruction = result.row_weight_objective
     if config.update_weights:
-        new_weight = least_squares_update(problem, result.mask)
-        reconstruction = problem.reconstruction_error(new_weight)
+        refitted = solve(problem, "refit", warm_start=result.mask)
+        new_weight, reconstruction = refitted.weight, refitted.row_weight_objective
+        result.runtime_s += refitted.runtime_s
+        chain = [*chain, "refit"]
     dense_energy = problem.objective(torch.zeros_like(result.mask))
     warm = result.extra.get("warm_start_row_objective")
     swaps, converged = result.extra.get("swaps"), result.extra.get("converged")
@@ -333,68 +336,6 @@ def prune_group(names, weights, statistics, config, device) -> tuple[list[dict],
         masks.append(result.mask[span])
         new_weights.append(new_weight[span])
     return rows, masks, new_weights
-
-
-def least_squares_update(problem: MaskProblem, mask: torch.Tensor, damping: float = 1e-6,
-                         tolerance: float = 1e-10) -> torch.Tensor:
-    """Kept weights of each row re-fitted by least squares, w'_K = (G_KK + λI)⁻¹ (G w)_K and w'_¬K = 0, with
-    λ = damping · mean(diag G).
-
-    All rows at once by conjugate gradients on masked Gram products, Jacobi-preconditioned, in float64: one
-    [rows, d] x [d, d] product per iteration and O(rows · d) memory (a dense kept-by-kept system per row
-    needs rows · k² · 8 bytes, 26 GB per 64 rows of an 8B-shaped down_proj). A row is done once its residual
-    is below `tolerance` times its right-hand side; rows still short of it after 2k + 10 iterations (an
-    ill-conditioned kept block) are solved exactly by dense solves, so no row returns an approximation.
-    """
-    gram = problem.gram.to(torch.float64)
-    diagonal = gram.diagonal() + damping * gram.diagonal().mean()
-    weight, keep = problem.weight.to(torch.float64), mask.to(torch.float64)
-
-    def normal_product(v):
-        return (v @ gram + (diagonal - gram.diagonal()) * v) * keep
-
-    precondition = keep * torch.where(diagonal > 0, 1 / diagonal, 0)
-    rhs = (weight @ gram) * keep
-    solution = weight * keep
-    residual = rhs - normal_product(solution)
-    direction = residual * precondition
-    rz = (residual * direction).sum(1)
-    limit = tolerance * rhs.norm(dim=1)
-    for _ in range(2 * problem.keep + 10):
-        active = residual.norm(dim=1) > limit
-        if not bool(active.any()):
-            break
-        product = normal_product(direction)
-        step = torch.where(active, rz / (direction * product).sum(1), 0)
-        solution += step[:, None] * direction
-        residual -= step[:, None] * product
-        preconditioned = residual * precondition
-        rz_next = (residual * preconditioned).sum(1)
-        direction = preconditioned + torch.where(active, rz_next / rz, 0)[:, None] * direction
-        rz = rz_next
-    unsolved = (residual.norm(dim=1) > limit).nonzero().flatten()
-    if len(unsolved):
-        solution[unsolved] = _dense_least_squares(problem, mask, unsolved, gram + torch.diag(diagonal - gram.diagonal()),
-                                                  rhs)
-    return solution.to(problem.weight.dtype)
-
-
-def _dense_least_squares(problem, mask, rows, system_matrix, rhs, budget_bytes: int = 1 << 30) -> torch.Tensor:
-    """Exact solves of the kept-by-kept systems of `rows`, in batches whose systems fit `budget_bytes`."""
-    kept = problem.keep
-    solution = torch.zeros(len(rows), problem.d, dtype=torch.float64, device=rhs.device)
-    batch = max(1, budget_bytes // (2 * kept * kept * 8))
-    for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
-        index = mask[chunk].nonzero()[:, 1].view(len(chunk), kept)   # the kept entries, ascending
-        factor, info = torch.linalg.cholesky_ex(system_matrix[index.unsqueeze(2), index.unsqueeze(1)])
-        if bool((info > 0).any()):
-            raise UserError(f"{problem.name or 'a layer'}: the kept block of G is not positive definite for some rows "
-                            "(a dead or repeated input among the kept ones), so their least-squares weights are not "
-                            "unique: raise the damping (λ = damping · mean diag G)")
-        values = torch.cholesky_solve(torch.gather(rhs[chunk], 1, index).unsqueeze(2), factor).squeeze(2)
-        solution[start:start + len(chunk)].scatter_(1, index, values)
-    return solution
 
 
 def _all_overrides(lazy: LazyModel, store) -> dict:

@@ -24,6 +24,8 @@ BUILTIN_SOLVERS = {
     "wanda": "solvers.wanda",
     "ria": "solvers.ria",
     "sparsegpt": "solvers.sparsegpt",
+    "refit": "solvers.refit",
+    "admm": "solvers.admm",
     "dsnot": "solvers.dsnot",
     "swaps": "solvers.swaps",
     "bruteforce": "solvers.bruteforce",
@@ -184,11 +186,27 @@ def _solve_one(problem, solver, warm_start, time_limit, seed, options) -> SolveR
     row_objective = problem.objective(mask)
     row_bound = solution.row_bound
     bound = float(row_bound.sum()) if row_bound is not None else float("-inf")
+    weight = _check_weight(problem, mask, solution.weight, name)
     return SolveResult(mask=mask, objective=float(row_objective.sum()), row_objective=row_objective,
                        termination=Termination(solution.termination), runtime_s=runtime, solver=name,
                        solver_version=instance.version(),
                        options={"time_limit": time_limit, "seed": seed, **options},
-                       bound=bound, row_bound=row_bound, extra=solution.extra)
+                       bound=bound, row_bound=row_bound, extra=solution.extra, weight=weight,
+                       row_weight_objective=None if weight is None else problem.reconstruction_error(weight))
+
+
+def _check_weight(problem: MaskProblem, mask: torch.Tensor, weight, name: str) -> torch.Tensor | None:
+    """A solver's re-fitted weights: the problem's shape, finite, zero wherever its mask prunes."""
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(problem.weight.shape):
+        raise SolverError(f"solver {name!r} returned weights that are not a tensor of shape {tuple(problem.weight.shape)}")
+    weight = weight.to(device=problem.device, dtype=problem.weight.dtype)
+    if not bool(torch.isfinite(weight).all()):
+        raise SolverError(f"solver {name!r} returned non-finite weights (NaN or Inf)")
+    if bool((weight[~mask] != 0).any()):
+        raise SolverError(f"solver {name!r} returned weights that are nonzero where its own mask prunes")
+    return weight
 
 
 def _is_solver_spec(spec) -> bool:

@@ -27,6 +27,7 @@ class Solution:
     termination: Termination = Termination.HEURISTIC
     row_bound: torch.Tensor | None = None      # valid per-row lower bounds, float64
     extra: dict = field(default_factory=dict)
+    weight: torch.Tensor | None = None         # re-fitted weights, zero outside the mask (weight-updating solvers)
 
 
 @dataclass
@@ -42,6 +43,13 @@ class SolveResult:
     bound: float = -math.inf             # valid lower bound on the optimum, sum of row bounds
     row_bound: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    weight: torch.Tensor | None = None             # re-fitted kept weights (None: the mask keeps w as it is)
+    row_weight_objective: torch.Tensor | None = None   # float64 [rows]: (w - weight)ᵀ G (w - weight)
+
+    @property
+    def weight_objective(self) -> float | None:
+        """Total error with the re-fitted weights, recomputed in float64 (None for mask-only solvers)."""
+        return None if self.row_weight_objective is None else float(self.row_weight_objective.sum())
 
     @property
     def gap(self) -> float:
@@ -59,6 +67,7 @@ class SolveResult:
             "solver_version": self.solver_version,
             "termination": self.termination.value,
             "objective": self.objective,
+            "weight_objective": self.weight_objective,
             "bound": _json_float(self.bound),
             "gap": _json_float(self.gap),
             "runtime_s": self.runtime_s,
@@ -73,6 +82,9 @@ class SolveResult:
 
         path = Path(path)
         tensors = {"mask": self.mask.cpu().contiguous(), "row_objective": self.row_objective.cpu()}
+        if self.weight is not None:
+            tensors["weight"] = self.weight.cpu().contiguous()
+            tensors["row_weight_objective"] = self.row_weight_objective.cpu()
         if self.row_bound is not None:
             tensors["row_bound"] = self.row_bound.cpu().to(torch.float64)
         write_safetensors_atomic(path.with_suffix(".safetensors"), tensors)

@@ -12,6 +12,8 @@ SOLVER_CASES = {
     "wanda": {},
     "ria": {},
     "sparsegpt": {},
+    "admm": {},
+    "refit": {"warm_start": "wanda"},
     "dsnot": {},
     "swaps": {},
     "bruteforce": {},
@@ -55,6 +57,9 @@ def test_feasible_bounded_and_exact(name, label, instances):
         assert result.mask.dtype == torch.bool and result.mask.shape == problem.weight.shape
         torch.testing.assert_close(result.row_objective, problem.objective(result.mask), rtol=0, atol=0)
         assert (result.row_objective >= optimum.row_objective * (1 - REL)).all()
+        if result.weight is not None:
+            assert (result.weight[~result.mask] == 0).all()
+            assert torch.equal(result.row_weight_objective, problem.reconstruction_error(result.weight))
         if result.row_bound is not None:
             assert (result.row_bound <= optimum.row_objective * (1 + REL)).all(), f"{name}: bound above optimum"
         if name in EXACT:
@@ -82,8 +87,9 @@ def test_warm_start_respected(name, label, instances):
         assert torch.equal(ss.solve(problem, name, warm_start=start, max_cycles=0).mask, start)
         return
     # A method that improves a mask must never return one worse than the mask it was given.
+    options = {key: value for key, value in SOLVER_CASES[name].items() if key != "warm_start"}
     for start in (ss.solve(problem, "magnitude").mask, optimum.mask):
-        result = ss.solve(problem, name, warm_start=start, **SOLVER_CASES[name])
+        result = ss.solve(problem, name, warm_start=start, **options)
         assert (result.row_objective <= problem.objective(start) * (1 + REL)).all()
 
 

@@ -162,14 +162,14 @@ def test_block_walker_reproduces_the_dense_forward(family):
     torch.testing.assert_close(hidden[1], captured[0], rtol=1e-5, atol=1e-5)
 
 
-def test_least_squares_update_refits_the_kept_weights():
+def test_refit_weights_refits_the_kept_weights():
     from conftest import make_problem
     from sparseswaps import solve
-    from sparseswaps.pipeline import least_squares_update
+    from solvers.refit import refit_weights
 
     problem, _ = make_problem("correlated", rows=5, d=24, seed=3, sparsity=0.6)
     mask = solve(problem, "wanda").mask
-    updated = least_squares_update(problem, mask, damping=0.0)
+    updated = refit_weights(problem, mask, damping=0.0)
     assert (updated[~mask] == 0).all()
     assert (problem.reconstruction_error(updated) <= problem.objective(mask) * (1 + 1e-12)).all()
     gradient = (problem.weight - updated) @ problem.gram          # normal equations on the kept set
@@ -189,31 +189,31 @@ def dense_least_squares(problem, mask, damping):
 
 
 @pytest.mark.parametrize("family, d, spec", [("correlated", 200, {"sparsity": 0.6}), ("outliers", 96, {"pattern": "2:4"})])
-def test_least_squares_update_equals_the_dense_solves(family, d, spec):
+def test_refit_weights_equals_the_dense_solves(family, d, spec):
     from conftest import make_problem
     from sparseswaps import solve
-    from sparseswaps.pipeline import least_squares_update
+    from solvers.refit import refit_weights
 
     problem, _ = make_problem(family, rows=12, d=d, seed=4, tokens=4 * d, **spec)
     mask = solve(problem, "wanda").mask
     expected = dense_least_squares(problem, mask, 1e-6)
-    updated = least_squares_update(problem, mask, damping=1e-6)
+    updated = refit_weights(problem, mask, damping=1e-6)
     assert ((updated - expected).norm(dim=1) <= 1e-6 * expected.norm(dim=1)).all()
 
 
-def test_least_squares_update_on_a_real_layer_equals_the_dense_solves():
+def test_refit_weights_on_a_real_layer_equals_the_dense_solves():
     from pathlib import Path
 
     from sparseswaps import solve
     from sparseswaps.instances import load_instances
-    from sparseswaps.pipeline import least_squares_update
+    from solvers.refit import refit_weights
 
     folder = Path(__file__).resolve().parents[1] / "benchmarks" / "instances" / "smollm2"
     instance = next(i for i in load_instances(folder) if i.d == 64)
     problem = instance.problem("50%")
     mask = solve(problem, "wanda").mask
     expected = dense_least_squares(problem, mask, 1e-6)
-    assert ((least_squares_update(problem, mask).double() - expected).norm(dim=1)
+    assert ((refit_weights(problem, mask).double() - expected).norm(dim=1)
             <= 1e-6 * expected.norm(dim=1)).all()
 
 
@@ -222,7 +222,7 @@ def test_a_singular_kept_block_gets_a_true_minimiser_or_a_clear_error():
     and conjugate gradients end at a minimiser (zero gradient on the kept entries)."""
     from sparseswaps import MaskProblem
     from sparseswaps.errors import UserError
-    from sparseswaps.pipeline import least_squares_update
+    from solvers.refit import refit_weights
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(32, 8, dtype=torch.float64, generator=generator)
@@ -230,12 +230,12 @@ def test_a_singular_kept_block_gets_a_true_minimiser_or_a_clear_error():
     problem = MaskProblem(torch.randn(2, 8, dtype=torch.float64, generator=generator), x.T @ x, sparsity=0.5,
                           check_psd=False)
     mask = torch.tensor([[True] * 4 + [False] * 4] * 2)
-    updated = least_squares_update(problem, mask, damping=0.0)
+    updated = refit_weights(problem, mask, damping=0.0)
     gradient = (problem.weight - updated) @ problem.gram
     assert gradient[mask].abs().max() < 1e-8 * problem.gram.abs().max() * problem.weight.abs().max()
     assert (problem.reconstruction_error(updated) <= problem.objective(mask) * (1 + 1e-12)).all()
     # rows conjugate gradients leave unsolved go to dense solves: singular there is an error, damped it is exact
     with pytest.raises(UserError, match="raise the damping"):
-        least_squares_update(problem, mask, damping=0.0, tolerance=0.0)
-    damped = least_squares_update(problem, mask, damping=1e-3, tolerance=0.0)
+        refit_weights(problem, mask, damping=0.0, tolerance=0.0)
+    damped = refit_weights(problem, mask, damping=1e-3, tolerance=0.0)
     assert torch.allclose(damped, dense_least_squares(problem, mask, 1e-3), rtol=1e-9, atol=1e-12)

@@ -1,0 +1,99 @@
+"""Masks and weights together: `SolveResult.weight`, the `refit` and `admm` backends."""
+import pytest
+import torch
+
+import sparseswaps as ss
+from conftest import make_problem
+from sparseswaps import Solution
+from sparseswaps.registry import SolverError
+
+
+@pytest.mark.parametrize("spec", [{"sparsity": 0.6}, {"pattern": "2:4"}])
+@pytest.mark.parametrize("chain", [["wanda", "refit"], ["sparsegpt"], ["admm"], ["admm", "refit"],
+                                   ["wanda", "swaps", "refit"]])
+def test_weight_solvers_return_weights_inside_their_mask_and_a_float64_error(chain, spec):
+    problem, _ = make_problem("correlated", rows=12, d=48, seed=2, tokens=192, **spec)
+    result = ss.solve(problem, chain)
+    assert problem.is_feasible(result.mask) and (result.weight[~result.mask] == 0).all()
+    expected = problem.reconstruction_error(result.weight)
+    assert torch.equal(result.row_weight_objective, expected)
+    assert result.weight_objective == pytest.approx(float(expected.sum()), rel=1e-12)
+    if chain[-1] == "refit":     # least squares on the mask can only lower the error of w ⊙ m
+        assert result.weight_objective <= result.objective * (1 + 1e-9)
+    assert ss.solve(problem, "wanda").weight is None
+
+
+def test_refit_needs_a_mask_to_refit():
+    problem, _ = make_problem("correlated", rows=4, d=16, seed=0, sparsity=0.5)
+    with pytest.raises(SolverError, match="chain it after a mask solver"):
+        ss.solve(problem, "refit")
+
+
+@pytest.mark.parametrize("broken, message", [("outside", "nonzero where its own mask prunes"),
+                                             ("nan", "non-finite"), ("shape", "not a tensor of shape")])
+def test_weights_a_solver_gets_wrong_are_refused(broken, message):
+    problem, _ = make_problem("correlated", rows=4, d=16, seed=0, sparsity=0.5)
+    mask = ss.solve(problem, "wanda").mask
+
+    def solver(problem, **_):
+        weight = problem.weight * mask
+        if broken == "outside":
+            weight = problem.weight.clone()
+        elif broken == "nan":
+            weight[0, mask[0].nonzero()[0, 0]] = float("nan")
+        else:
+            weight = weight[:, :8]
+        return Solution(mask, weight=weight)
+
+    with pytest.raises(SolverError, match=message):
+        ss.solve(problem, solver)
+
+
+def reference_admm_per_out(weight, gram, sparsity, percdamp=0.1, iterative_prune=15, iters=20):
+    """fmfi-compbio/admm-pruning lib/admm.py, AdmmPruner.fasterprune with per_out=True, line for line (float64
+    instead of float32; the layer weight is [out, in] as in nn.Linear)."""
+    XX = gram.clone().double()
+    norm = torch.diag(XX).sqrt() + 1e-8
+    XX = XX / norm
+    XX = (XX.T / norm).T
+    W = (weight.double() * norm).T
+    rho0 = percdamp * torch.diag(XX).mean()
+    diag = torch.arange(XX.shape[0])
+    XX[diag, diag] += rho0
+    rho = 1
+    XY = XX.matmul(W)
+    XX[diag, diag] += rho
+    XXinv = torch.inverse(XX)
+    U = torch.zeros_like(W)
+    for itt in range(iters):
+        if itt < iterative_prune:
+            cur_sparsity = sparsity - sparsity * (1 - (itt + 1) / iterative_prune) ** 3
+            thres = (W + U).abs().sort(dim=0)[0][int(W.shape[0] * cur_sparsity)]
+            mask = ((W + U).abs() >= thres.unsqueeze(0))
+        Z = (W + U) * mask
+        U = U + (W - Z)
+        W = XXinv.matmul(XY + rho * (Z - U))
+    Z = (W + U) * mask
+    return mask.T, Z.T / norm
+
+
+def test_admm_is_the_reference_update_on_a_real_layer():
+    from pathlib import Path
+
+    from sparseswaps.instances import load_instances
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "instances" / "smollm2"
+    instance = next(i for i in load_instances(folder) if i.d == 64)
+    problem = instance.problem("50%")
+    result = ss.solve(problem, "admm")
+    mask, weight = reference_admm_per_out(problem.weight, problem.gram, 0.5)
+    assert torch.equal(result.mask, mask)
+    torch.testing.assert_close(result.weight.double(), weight, rtol=1e-9, atol=1e-12 * weight.abs().max().item())
+
+
+def test_admm_option_errors_are_solver_errors():
+    problem, _ = make_problem("correlated", rows=4, d=16, seed=0, sparsity=0.5)
+    with pytest.raises(SolverError, match="iterative_prune <= iters"):
+        ss.solve(problem, "admm", iters=5, iterative_prune=10)
+    with pytest.raises(SolverError, match="rho > 0"):
+        ss.solve(problem, "admm", rho=0.0)
