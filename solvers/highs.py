@@ -17,6 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from sparseswaps import MaskProblem, Solution, register
+from sparseswaps.registry import SolverError
 
 from .exact import (ExactSolver, RowModel, RowOutcome, assemble, default_incumbent, map_rows, objective_scale,
                     row_models)
@@ -166,7 +167,7 @@ class HighsSolver(ExactSolver):
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, method: str = "milp",
               diagonal_shift: bool = True, threads: int = 1, workers: int = 1) -> Solution:
         if method not in _METHODS:
-            raise ValueError(f"highs method must be one of {', '.join(_METHODS)}, got {method!r}")
+            raise SolverError(f"highs method must be one of {', '.join(_METHODS)}, got {method!r}")
         incumbent = warm_start if warm_start is not None else default_incumbent(problem)
         models: list[RowModel] = row_models(problem, incumbent, diagonal_shift and method == "qp_bound")
         tasks = [(model, time_limit, seed, threads) for model in models]

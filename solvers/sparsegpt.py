@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from sparseswaps import NM, MaskProblem, PerRow, Solution, Solver, Termination, register
+from sparseswaps.registry import SolverError
 
 
 def _inverse_hessian_factor(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +81,7 @@ class SparseGPTSolver(Solver):
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, blocksize: int = 128,
               damping: float = 0.01, row_equal: bool = True) -> Solution:
         if not row_equal and problem.sparsity is None and isinstance(problem.pattern, PerRow):
-            raise ValueError("row_equal=False needs a problem built from a sparsity share")
+            raise SolverError("row_equal=False needs a problem built from a sparsity share")
         prune, updated = sparsegpt(problem.weight, problem.gram, problem.pattern, blocksize=blocksize,
                                    damping=damping, row_equal=row_equal, sparsity=problem.sparsity)
         mask = ~prune

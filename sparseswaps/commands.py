@@ -25,7 +25,9 @@ def add_prune(commands) -> None:
                                              "SparseSwaps, the quick protocol (minutes on 2 CPU cores).")
     _add_model_arguments(parser)
     parser.add_argument("--solver", default="swaps", help="final solver (default: swaps)")
-    parser.add_argument("--warm-start", default="wanda", help="solver giving the warm start, or 'none' (default: wanda)")
+    parser.add_argument("--warm-start", default="auto",
+                        help="solver giving the warm start, or 'none' (default auto: wanda for a solver that "
+                             "refines a warm start, none for one that ignores it)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--sparsity", type=float, help="share of every row pruned (default 0.5)")
     group.add_argument("--pattern", help="N:M pattern, keep N of every M consecutive inputs, e.g. 2:4")

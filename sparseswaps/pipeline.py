@@ -49,7 +49,7 @@ class PruneConfig:
     model: str | None = None
     tokenizer: str | None = None           # folder replacing a GGUF file's converted tokenizer
     solver: str = "swaps"
-    warm_start: str | None = "wanda"
+    warm_start: str | None = "auto"        # auto: Wanda for a solver that refines a warm start, else none
     sparsity: float | None = 0.5
     pattern: str | None = None
     protocol: str = "quick"
@@ -72,12 +72,15 @@ class PruneConfig:
         if self.protocol not in PROTOCOLS:
             raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         preset = PROTOCOLS[self.protocol]
+        warm_start = self.warm_start
+        if warm_start == "auto":
+            warm_start = "wanda" if get_solver(self.solver).warm_start else None
         config = dataclasses.replace(
-            self, nsamples=self.nsamples or preset["nsamples"], seqlen=self.seqlen or preset["seqlen"],
+            self, warm_start=warm_start, nsamples=self.nsamples or preset["nsamples"], seqlen=self.seqlen or preset["seqlen"],
             eval=tuple(preset["eval"] if self.eval is None else self.eval),
             eval_windows=preset["eval_windows"] if self.eval_windows == -1 else self.eval_windows,
             device=resolve_device(self.device), solver_options=self._solver_options(preset),
-            warm_start_baseline=bool(self.warm_start) and (preset["warm_start_baseline"]
+            warm_start_baseline=bool(warm_start) and (preset["warm_start_baseline"]
                                                            if self.warm_start_baseline is None
                                                            else self.warm_start_baseline))
         if config.pattern is not None:
@@ -85,6 +88,9 @@ class PruneConfig:
         resolve_pattern(64 * 64, config.sparsity, config.pattern)   # range and syntax; widths checked per layer
         for name in [config.solver] + ([config.warm_start] if config.warm_start else []):
             get_solver(name)
+        if config.warm_start and not get_solver(config.solver).warm_start:
+            raise UserError(f"--solver {config.solver} ignores a warm start: drop --warm-start {config.warm_start} "
+                            "(or give --warm-start none)")
         unknown = [c for c in config.eval if c not in EVAL_CORPORA]
         if unknown:
             raise UserError(f"unknown --eval corpus {', '.join(unknown)}; choose from {', '.join(EVAL_CORPORA)}")

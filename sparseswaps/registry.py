@@ -75,19 +75,37 @@ def register(name: str):
     return decorate
 
 
+_BROKEN: dict[str, str] = {}      # built-in solver -> why its module failed to import
+
+
+def _import_builtin(name: str) -> None:
+    """Import the module that registers built-in solver `name`; a failure marks it unavailable (with the
+    reason) instead of breaking every other solver."""
+    if name in _REGISTRY or name in _BROKEN:
+        return
+    try:
+        importlib.import_module(BUILTIN_SOLVERS[name])
+    except Exception as error:  # noqa: BLE001 - any import failure of one backend must not break the others
+        _BROKEN[name] = f"importing {BUILTIN_SOLVERS[name]} failed: {type(error).__name__}: {error}"
+
+
 def _load_all() -> None:
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for module in BUILTIN_SOLVERS.values():
-        importlib.import_module(module)
+    for name in BUILTIN_SOLVERS:
+        _import_builtin(name)
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if entry.name not in _REGISTRY:
-            register(entry.name)(entry.load())
+            try:
+                register(entry.name)(entry.load())
+            except Exception as error:  # noqa: BLE001 - a broken plug-in is listed, not fatal
+                _BROKEN[entry.name] = f"loading entry point {entry.value} failed: {type(error).__name__}: {error}"
 
 
 def solver_classes() -> dict[str, type]:
+    """Every solver that imported (the broken ones are in `solver_status`)."""
     _load_all()
     return dict(sorted(_REGISTRY.items()))
 
@@ -98,19 +116,28 @@ def available_solvers() -> list[str]:
 
 
 def solver_status() -> list[dict]:
-    """Every registered solver: availability (and why not) and capabilities."""
+    """Every solver, registered or broken: availability (and why not) and capabilities."""
     rows = []
     for name, cls in solver_classes().items():
         ok, why = cls().available()
         rows.append({"name": name, "available": ok, "reason": why, "exact": cls.exact,
                      "bound": cls.gives_bound, "warm_start": cls.warm_start, "gpu": cls.gpu,
                      "patterns": [p.__name__ for p in cls.patterns]})
-    return rows
+    rows += [{"name": name, "available": False, "reason": why, "exact": False, "bound": False,
+              "warm_start": False, "gpu": False, "patterns": []} for name, why in sorted(_BROKEN.items())]
+    return sorted(rows, key=lambda row: row["name"])
 
 
 def get_solver(name: str) -> Solver:
-    classes = solver_classes()
+    if name in BUILTIN_SOLVERS:
+        _import_builtin(name)          # only this backend's module: one broken backend breaks nothing else
+        classes = dict(_REGISTRY)
+    else:
+        classes = solver_classes()
+    if name in _BROKEN:
+        raise SolverError(f"solver {name!r} is not available here: {_BROKEN[name]}")
     if name not in classes:
+        classes = solver_classes()
         raise SolverError(f"unknown solver {name!r}. Registered: {', '.join(classes)}. "
                           f"Third-party solvers register through the entry-point group {ENTRY_POINT_GROUP!r}.")
     solver = classes[name]()
@@ -175,6 +202,9 @@ def _solve_one(problem, solver, warm_start, time_limit, seed, options) -> SolveR
         raise SolverError(f"solver {name!r} does not handle {type(problem.pattern).__name__} patterns "
                           f"({problem.pattern}); it handles {', '.join(p.__name__ for p in instance.patterns)}")
     _check_options(instance, name, options)
+    if warm_start is not None and not instance.warm_start:
+        raise SolverError(f"solver {name!r} ignores a warm start, so the mask handed to it would be thrown away: "
+                          f"drop the warm start (--warm-start none, or the earlier stage of the chain)")
     _synchronize(problem.device)
     start = time.perf_counter()
     solution = instance.solve(problem, warm_start=warm_start, time_limit=time_limit, seed=seed, **options)
@@ -217,6 +247,8 @@ def _is_solver_spec(spec) -> bool:
 
 class _CallableSolver(Solver):
     """Adapts a plain function f(problem, warm_start=..., time_limit=..., seed=..., **options)."""
+
+    warm_start = True        # a function receives the warm start and decides for itself
 
     def __init__(self, function):
         self.function = function

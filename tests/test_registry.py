@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import sparseswaps as ss
-from sparseswaps import registry
+from sparseswaps import cli, registry
+from sparseswaps.registry import SolverError
 from conftest import make_problem
 
 
@@ -93,3 +94,35 @@ def test_gap_is_zero_when_proven_and_inf_without_bound():
     problem, _ = make_problem(sparsity=0.5)
     assert ss.solve(problem, "bruteforce").gap == pytest.approx(0, abs=1e-12)
     assert ss.solve(problem, "wanda").gap == float("inf")
+
+
+def test_a_warm_start_for_a_solver_that_ignores_it_is_refused():
+    problem, _ = make_problem("correlated", rows=4, d=16, seed=0, sparsity=0.5)
+    with pytest.raises(SolverError, match="'sparsegpt' ignores a warm start"):
+        ss.solve(problem, ["wanda", "sparsegpt"])
+    with pytest.raises(SolverError, match="ignores a warm start"):
+        ss.solve(problem, "admm", warm_start=ss.solve(problem, "wanda").mask)
+
+
+def test_the_prune_command_warm_starts_only_solvers_that_use_it(capsys):
+    from sparseswaps.pipeline import PruneConfig
+
+    assert PruneConfig(solver="sparsegpt").resolved().warm_start is None
+    assert PruneConfig(solver="swaps").resolved().warm_start == "wanda"
+    assert cli.main(["prune", "--solver", "sparsegpt", "--warm-start", "wanda"]) == 2
+    assert "--solver sparsegpt ignores a warm start" in capsys.readouterr().err
+
+
+def test_a_backend_that_fails_to_import_is_listed_and_breaks_nothing(monkeypatch):
+    from sparseswaps import registry
+
+    monkeypatch.setitem(registry.BUILTIN_SOLVERS, "broken", "sparseswaps_no_such_module")
+    monkeypatch.setattr(registry, "_BROKEN", {})
+    monkeypatch.setattr(registry, "_loaded", False)
+    status = {row["name"]: row for row in registry.solver_status()}
+    assert not status["broken"]["available"] and "sparseswaps_no_such_module" in status["broken"]["reason"]
+    assert status["wanda"]["available"]
+    with pytest.raises(SolverError, match="'broken' is not available here: importing"):
+        ss.get_solver("broken")
+    problem, _ = make_problem("correlated", rows=4, d=16, seed=0, sparsity=0.5)
+    assert problem.is_feasible(ss.solve(problem, "wanda").mask)
