@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import math
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -116,24 +117,47 @@ def map_rows(function, tasks: list, workers: int) -> list:
 class RowOutcome:
     prune: np.ndarray
     bound: float             # valid lower bound on the row optimum (original units)
-    status: str              # optimal | time_limit | error
+    status: str              # a Termination value: why this row's solve stopped
     nodes: int
     seconds: float
+    message: str = ""        # the sub-solver's own status where it is not one of ours
+
+
+# A layer stops for the most serious reason any of its rows stopped for.
+_SEVERITY = [Termination.ERROR, Termination.INFEASIBLE, Termination.MEMORY_LIMIT, Termination.TIME_LIMIT,
+             Termination.ITERATION_LIMIT, Termination.GAP_LIMIT, Termination.HEURISTIC]
 
 
 def assemble(problem: MaskProblem, outcomes: list[RowOutcome], extra: dict) -> Solution:
     mask = torch.from_numpy(~np.stack([o.prune for o in outcomes])).to(problem.device)
     row_bound = torch.tensor([o.bound for o in outcomes], dtype=torch.float64)
     statuses = [o.status for o in outcomes]
-    if all(s == "optimal" for s in statuses):
-        termination = Termination.OPTIMAL
-    elif "error" in statuses:
-        termination = Termination.ERROR
-    else:
-        termination = Termination.TIME_LIMIT
+    counts = {status: statuses.count(status) for status in dict.fromkeys(statuses)}
+    termination = next((t for t in _SEVERITY if t.value in counts), Termination.OPTIMAL)
+    notes = sorted({o.message for o in outcomes if o.message})
+    message = "; ".join([f"{count} of {len(statuses)} rows {status.replace('_', ' ')}"
+                         for status, count in counts.items()] + notes)
     extra.update(row_status=statuses, rows_optimal=statuses.count("optimal"),
                  nodes=sum(o.nodes for o in outcomes), row_seconds=[o.seconds for o in outcomes])
-    return Solution(mask, termination, row_bound=row_bound, extra=extra)
+    return Solution(mask, termination, row_bound=row_bound, extra=extra, message=message)
+
+
+def row_limit(row_time_limit: float | None, deadline: float | None) -> float | None:
+    """Seconds this row may take: its own cap and what is left of the call's wall-clock budget (`deadline`
+    in time.time() seconds, so it holds in pool workers too)."""
+    left = None if deadline is None else deadline - time.time()
+    limits = [limit for limit in (row_time_limit, left) if limit is not None]
+    return min(limits) if limits else None
+
+
+def out_of_time(model: "RowModel", started: float) -> RowOutcome:
+    """A row the budget did not reach: its incumbent, the trivial bound."""
+    return RowOutcome(prune=model.incumbent, bound=0.0, status=Termination.TIME_LIMIT.value, nodes=0,
+                      seconds=time.perf_counter() - started)
+
+
+def deadline_of(time_limit: float | None) -> float | None:
+    return None if time_limit is None else time.time() + time_limit
 
 
 def objective_scale(model: RowModel) -> float:

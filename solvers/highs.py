@@ -7,7 +7,9 @@
   model, min pᵀQ'p + linᵀp over 0 <= p <= 1 with the cardinality rows. HiGHS solves it; the bound reported is
   recomputed here in float64 as min over the box of the Lagrangian's tangent plane at HiGHS's point, valid
   for any point and multipliers, so it does not depend on HiGHS's tolerances. The mask is the incumbent.
-`time_limit` is per row.
+`time_limit` is the whole call's wall-clock budget (rows the budget does not reach return their incumbent);
+`row_time_limit` caps each row. A HiGHS status other than optimal is reported as what it is (time, iteration
+or memory limit, infeasible, or an error naming HiGHS's status).
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
-from sparseswaps import MaskProblem, Solution, register
+from sparseswaps import MaskProblem, Solution, Termination, register
 from sparseswaps.registry import SolverError
 
-from .exact import (ExactSolver, RowModel, RowOutcome, assemble, default_incumbent, map_rows, objective_scale,
+from .exact import (ExactSolver, RowModel, RowOutcome, assemble, deadline_of, default_incumbent, map_rows,
+                    objective_scale, out_of_time, row_limit,
                     row_models)
 
 _BOUND_SLACK = 1e-9
@@ -75,11 +78,29 @@ def _milp_rows(d: int, groups) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, n
     return matrix, np.array(lower), np.array(upper), first, second
 
 
+# HighsModelStatus name -> why the row stopped
+_STATUS = {"kOptimal": Termination.OPTIMAL, "kTimeLimit": Termination.TIME_LIMIT,
+           "kIterationLimit": Termination.ITERATION_LIMIT, "kSolutionLimit": Termination.ITERATION_LIMIT,
+           "kMemoryLimit": Termination.MEMORY_LIMIT, "kInfeasible": Termination.INFEASIBLE,
+           "kUnboundedOrInfeasible": Termination.INFEASIBLE, "kUnbounded": Termination.INFEASIBLE}
+
+
+def row_status(highs_status) -> tuple[str, str]:
+    """(our status, a message where HiGHS's status is not one of ours)."""
+    name = getattr(highs_status, "name", str(highs_status).rsplit(".", 1)[-1])
+    if name in _STATUS:
+        return _STATUS[name].value, ""
+    return Termination.ERROR.value, f"HiGHS stopped with model status {name}"
+
+
 def _solve_row_milp(task) -> RowOutcome:
-    model, time_limit, seed, threads = task
+    model, row_time_limit, deadline, seed, threads = task
     import highspy
 
     started = time.perf_counter()
+    time_limit = row_limit(row_time_limit, deadline)
+    if time_limit is not None and time_limit <= 0:
+        return out_of_time(model, started)
     d = len(model.w)
     scale = objective_scale(model)
     quad = (model.quad + np.diag(model.linear)) / scale   # Q_ii p_i absorbs the linear term on binaries
@@ -106,10 +127,10 @@ def _solve_row_milp(task) -> RowOutcome:
         prune = model.incumbent
     dual = highs.getInfo().mip_dual_bound
     bound = max(0.0, (dual - _BOUND_SLACK * max(1.0, abs(dual))) * scale) if np.isfinite(dual) else 0.0
-    optimal = status == highspy.HighsModelStatus.kOptimal
-    return RowOutcome(prune=prune, bound=min(bound, model.value(prune)),
-                      status="optimal" if optimal else "time_limit", nodes=int(highs.getInfo().mip_node_count),
-                      seconds=time.perf_counter() - started)
+    ours, message = row_status(status)
+    return RowOutcome(prune=prune, bound=min(bound, model.value(prune)), status=ours,
+                      nodes=int(highs.getInfo().mip_node_count), seconds=time.perf_counter() - started,
+                      message=message)
 
 
 def certified_relaxation_bound(quad, linear, groups, point) -> float:
@@ -131,10 +152,13 @@ def certified_relaxation_bound(quad, linear, groups, point) -> float:
 
 
 def _solve_row_qp(task) -> RowOutcome:
-    model, time_limit, seed, threads = task
+    model, row_time_limit, deadline, seed, threads = task
     import highspy
 
     started = time.perf_counter()
+    time_limit = row_limit(row_time_limit, deadline)
+    if time_limit is not None and time_limit <= 0:
+        return out_of_time(model, started)
     d = len(model.w)
     scale = objective_scale(model)
     quad, linear = model.quad / scale, model.linear / scale
@@ -152,9 +176,11 @@ def _solve_row_qp(task) -> RowOutcome:
     bound = certified_relaxation_bound(quad, linear, model.groups, point) if len(point) == d else 0.0
     bound = max(0.0, bound * scale * (1 - _BOUND_SLACK))
     value = model.value(model.incumbent)
-    return RowOutcome(prune=model.incumbent, bound=min(bound, value),
-                      status="optimal" if bound >= value * (1 - 1e-9) else "time_limit", nodes=0,
-                      seconds=time.perf_counter() - started)
+    relaxation, message = row_status(highs.getModelStatus())
+    if relaxation == Termination.OPTIMAL.value:   # the relaxation solved: the bound certifies the row or not
+        relaxation = Termination.OPTIMAL.value if bound >= value * (1 - 1e-9) else Termination.HEURISTIC.value
+    return RowOutcome(prune=model.incumbent, bound=min(bound, value), status=relaxation, nodes=0,
+                      seconds=time.perf_counter() - started, message=message)
 
 
 _METHODS = {"milp": _solve_row_milp, "qp_bound": _solve_row_qp}
@@ -165,14 +191,13 @@ class HighsSolver(ExactSolver):
     package = "highspy"
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, method: str = "milp",
-              diagonal_shift: bool = True, threads: int = 1, workers: int = 1) -> Solution:
+              diagonal_shift: bool = True, threads: int = 1, workers: int = 1,
+              row_time_limit: float | None = None) -> Solution:
         if method not in _METHODS:
             raise SolverError(f"highs method must be one of {', '.join(_METHODS)}, got {method!r}")
+        deadline = deadline_of(time_limit)
         incumbent = warm_start if warm_start is not None else default_incumbent(problem)
         models: list[RowModel] = row_models(problem, incumbent, diagonal_shift and method == "qp_bound")
-        tasks = [(model, time_limit, seed, threads) for model in models]
+        tasks = [(model, row_time_limit, deadline, seed, threads) for model in models]
         outcomes = map_rows(_METHODS[method], tasks, workers)
-        solution = assemble(problem, outcomes, {"method": method, "time_limit_per_row": time_limit})
-        if method == "qp_bound":
-            solution.termination = solution.termination if solution.termination.value == "optimal" else "heuristic"
-        return solution
+        return assemble(problem, outcomes, {"method": method, "row_time_limit": row_time_limit})

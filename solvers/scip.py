@@ -5,7 +5,8 @@ Factored epigraph form (SOLVERS.md: far faster than pᵀQp at d >= 32):
 with A = diag(w) F, F Fᵀ = G - s·diag(G) (s = 0 without the diagonal shift). The objective is divided by
 the incumbent's value so SCIP works near 1 (with values near 1e-8 it claimed false optima). The warm start
 (default: Wanda + 1-swaps) is SCIP's first incumbent, so a time-out returns at least that mask.
-`time_limit` is per row. The reported bound is SCIP's dual bound less its feasibility tolerance (the
+`time_limit` is the whole call's wall-clock budget (rows the budget does not reach return their incumbent);
+`row_time_limit` caps each row (the gap harness's per-row limit). The reported bound is SCIP's dual bound less its feasibility tolerance (the
 epigraph constraint may be violated by that much), mapped back to original units.
 """
 from __future__ import annotations
@@ -14,19 +15,40 @@ import time
 
 import numpy as np
 
-from sparseswaps import MaskProblem, Solution, register
+from sparseswaps import MaskProblem, Solution, Termination, register
 
-from .exact import (ExactSolver, RowModel, RowOutcome, assemble, default_incumbent, map_rows, objective_scale,
-                    row_models)
+from .exact import (ExactSolver, RowModel, RowOutcome, assemble, deadline_of, default_incumbent, map_rows,
+                    objective_scale, out_of_time, row_limit, row_models)
 
 _FEASTOL = 1e-9
 
 
+# SCIP's getStatus() -> why the row stopped ("gaplimit" at gap 0 is a proof, handled below)
+_STATUS = {"optimal": Termination.OPTIMAL, "timelimit": Termination.TIME_LIMIT, "gaplimit": Termination.GAP_LIMIT,
+           "memlimit": Termination.MEMORY_LIMIT, "nodelimit": Termination.ITERATION_LIMIT,
+           "totalnodelimit": Termination.ITERATION_LIMIT, "stallnodelimit": Termination.ITERATION_LIMIT,
+           "sollimit": Termination.ITERATION_LIMIT, "bestsollimit": Termination.ITERATION_LIMIT,
+           "restartlimit": Termination.ITERATION_LIMIT, "infeasible": Termination.INFEASIBLE,
+           "inforunbd": Termination.INFEASIBLE, "unbounded": Termination.INFEASIBLE}
+
+
+def row_status(scip_status: str, gap: float) -> tuple[str, str]:
+    """(our status, a message where SCIP's status is not one of ours)."""
+    if scip_status == "gaplimit" and gap == 0:
+        return Termination.OPTIMAL.value, ""
+    if scip_status in _STATUS:
+        return _STATUS[scip_status].value, ""
+    return Termination.ERROR.value, f"SCIP stopped with status {scip_status!r}"
+
+
 def _solve_row(task) -> RowOutcome:
-    model, time_limit, gap, seed, params = task
+    model, row_time_limit, deadline, gap, seed, params = task
     from pyscipopt import Model, quicksum
 
     started = time.perf_counter()
+    time_limit = row_limit(row_time_limit, deadline)
+    if time_limit is not None and time_limit <= 0:
+        return out_of_time(model, started)
     scale = objective_scale(model)
     factor = model.factor / np.sqrt(scale)
     linear = model.linear / scale
@@ -57,10 +79,9 @@ def _solve_row(task) -> RowOutcome:
     prune = np.array([scip.getSolVal(best, v) > 0.5 for v in p]) if scip.getNSols() else model.incumbent
     dual = scip.getDualbound()
     bound = max(0.0, (dual - _FEASTOL * max(1.0, abs(dual))) * scale)
-    proven = status == "optimal" or (status == "gaplimit" and gap == 0)
-    return RowOutcome(prune=prune, bound=min(bound, model.value(prune)),
-                      status="optimal" if proven else ("time_limit" if status in ("timelimit", "gaplimit") else status),
-                      nodes=int(scip.getNNodes()), seconds=time.perf_counter() - started)
+    ours, message = row_status(status, gap)
+    return RowOutcome(prune=prune, bound=min(bound, model.value(prune)), status=ours, nodes=int(scip.getNNodes()),
+                      seconds=time.perf_counter() - started, message=message)
 
 
 def _add_incumbent(scip, p, r, t, factor, prune) -> None:
@@ -79,9 +100,11 @@ class ScipSolver(ExactSolver):
     package = "pyscipopt"
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, gap: float = 0.0,
-              diagonal_shift: bool = False, workers: int = 1, scip_params: dict | None = None) -> Solution:
+              diagonal_shift: bool = False, workers: int = 1, row_time_limit: float | None = None,
+              scip_params: dict | None = None) -> Solution:
+        deadline = deadline_of(time_limit)
         incumbent = warm_start if warm_start is not None else default_incumbent(problem)
         models: list[RowModel] = row_models(problem, incumbent, diagonal_shift)
-        tasks = [(model, time_limit, gap, seed, dict(scip_params or {})) for model in models]
+        tasks = [(model, row_time_limit, deadline, gap, seed, dict(scip_params or {})) for model in models]
         outcomes = map_rows(_solve_row, tasks, workers)
-        return assemble(problem, outcomes, {"diagonal_shift": diagonal_shift, "time_limit_per_row": time_limit})
+        return assemble(problem, outcomes, {"diagonal_shift": diagonal_shift, "row_time_limit": row_time_limit})

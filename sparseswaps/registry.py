@@ -158,32 +158,55 @@ def solve(problem: MaskProblem, solver: SolverSpec, *, warm_start: torch.Tensor 
     A chain ["wanda", "swaps", "scip"] hands each result to the next as its warm start; `options` go to
     the last stage. `warm_start` is a bool mask (True = keep) or a solver (spec) that produces one.
     The returned objective is always recomputed here in float64 from the mask.
+
+    `time_limit` is the wall-clock budget in seconds of this whole call, chain and warm-start solver
+    included: each stage gets what is left of it (exact solvers spread it over their rows; their own
+    `row_time_limit` caps each row). A chain that runs out of time stops after the stage in progress and
+    returns that stage's result with termination time_limit.
     """
     if not isinstance(problem, MaskProblem):
         raise ProblemError(f"solve() takes a MaskProblem, got {type(problem).__name__}")
     if time_limit is not None and not time_limit > 0:
         raise SolverError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    deadline = None if time_limit is None else time.monotonic() + time_limit
     if isinstance(solver, (list, tuple)):
-        return _solve_chain(problem, list(solver), warm_start, time_limit, seed, options)
+        return _solve_chain(problem, list(solver), warm_start, deadline, seed, options)
     if warm_start is not None and not isinstance(warm_start, torch.Tensor):
         if not _is_solver_spec(warm_start):
             raise ProblemError(f"warm start must be a torch.Tensor of dtype bool (True = keep) or a solver, "
                                f"got {type(warm_start).__name__}")
-        first = solve(problem, warm_start, time_limit=time_limit, seed=seed)
-        return _solve_chain(problem, [solver], first, time_limit, seed, options)
+        return _solve_chain(problem, [warm_start, solver], None, deadline, seed, options)
     if warm_start is not None:
         warm_start = problem.check_mask(warm_start, "warm start")
     return _solve_one(problem, solver, warm_start, time_limit, seed, options)
 
 
-def _solve_chain(problem, stages, warm_start, time_limit, seed, options) -> SolveResult:
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def _solve_chain(problem, stages, warm_start, deadline, seed, options) -> SolveResult:
     if not stages:
         raise SolverError("an empty solver chain: give at least one solver")
     history = [warm_start] if isinstance(warm_start, SolveResult) else []
     current = warm_start.mask if isinstance(warm_start, SolveResult) else warm_start
     for index, stage in enumerate(stages):
+        remaining = _remaining(deadline)
+        if remaining is not None and remaining <= 0 and history:
+            history[-1].termination = Termination.TIME_LIMIT
+            history[-1].message = (f"the time limit ran out after stage {len(history)} of the chain "
+                                   f"({history[-1].solver}); the later stages did not run")
+            break
         stage_options = options if index == len(stages) - 1 else {}
-        result = solve(problem, stage, warm_start=current, time_limit=time_limit, seed=seed, **stage_options)
+        if isinstance(stage, (list, tuple)):
+            result = _solve_chain(problem, list(stage), current, deadline, seed, stage_options)
+        else:
+            if current is not None and not isinstance(current, torch.Tensor):
+                raise ProblemError(f"warm start must be a torch.Tensor of dtype bool (True = keep) or a solver, "
+                                   f"got {type(current).__name__}")
+            start = None if current is None else problem.check_mask(current, "warm start")
+            result = _solve_one(problem, stage, start, None if remaining is None else max(remaining, 1e-3), seed,
+                                stage_options)
         history.append(result)
         current = result.mask
     final = history[-1]
@@ -222,7 +245,8 @@ def _solve_one(problem, solver, warm_start, time_limit, seed, options) -> SolveR
                        solver_version=instance.version(),
                        options={"time_limit": time_limit, "seed": seed, **options},
                        bound=bound, row_bound=row_bound, extra=solution.extra, weight=weight,
-                       row_weight_objective=None if weight is None else problem.reconstruction_error(weight))
+                       row_weight_objective=None if weight is None else problem.reconstruction_error(weight),
+                       message=solution.message)
 
 
 def _check_weight(problem: MaskProblem, mask: torch.Tensor, weight, name: str) -> torch.Tensor | None:

@@ -11,12 +11,23 @@ import torch
 
 
 class Termination(str, Enum):
+    """Why a solver stopped. What it returned is `SolutionStatus`."""
     OPTIMAL = "optimal"                  # proven optimal (every row)
     LOCAL_OPTIMUM = "local_optimum"      # no improving move of the method's kind is left
     TIME_LIMIT = "time_limit"            # stopped by the time limit; best mask found so far
-    ITERATION_LIMIT = "iteration_limit"  # stopped by an iteration limit
-    HEURISTIC = "heuristic"              # a one-pass rule with no optimality claim
+    ITERATION_LIMIT = "iteration_limit"  # stopped by an iteration, node or solution-count limit
+    GAP_LIMIT = "gap_limit"              # stopped at the relative gap it was asked for
+    MEMORY_LIMIT = "memory_limit"        # stopped by a memory limit; best mask found so far
+    INFEASIBLE = "infeasible"            # a sub-solver declared a row model infeasible (a modelling error)
+    HEURISTIC = "heuristic"              # a rule with no optimality claim (or a bound that certifies nothing)
     ERROR = "error"
+
+
+class SolutionStatus(str, Enum):
+    """What the result is. There is no "none": the registry refuses any output that is not a feasible mask,
+    so a solver that finds nothing of its own returns its incumbent, which is feasible."""
+    OPTIMAL = "optimal"                  # proven optimal (every row)
+    FEASIBLE = "feasible"                # feasible, optimality not proven
 
 
 @dataclass
@@ -28,6 +39,7 @@ class Solution:
     row_bound: torch.Tensor | None = None      # valid per-row lower bounds, float64
     extra: dict = field(default_factory=dict)
     weight: torch.Tensor | None = None         # re-fitted weights, zero outside the mask (weight-updating solvers)
+    message: str = ""                          # why it stopped, in words (e.g. rows per sub-solver status)
 
 
 @dataclass
@@ -45,6 +57,11 @@ class SolveResult:
     extra: dict = field(default_factory=dict)
     weight: torch.Tensor | None = None             # re-fitted kept weights (None: the mask keeps w as it is)
     row_weight_objective: torch.Tensor | None = None   # float64 [rows]: (w - weight)ᵀ G (w - weight)
+    message: str = ""
+
+    @property
+    def status(self) -> SolutionStatus:
+        return SolutionStatus.OPTIMAL if self.termination == Termination.OPTIMAL else SolutionStatus.FEASIBLE
 
     @property
     def weight_objective(self) -> float | None:
@@ -66,6 +83,8 @@ class SolveResult:
             "solver": self.solver,
             "solver_version": self.solver_version,
             "termination": self.termination.value,
+            "status": self.status.value,
+            "message": self.message,
             "objective": self.objective,
             "weight_objective": self.weight_objective,
             "bound": _json_float(self.bound),

@@ -126,3 +126,60 @@ def test_a_backend_that_fails_to_import_is_listed_and_breaks_nothing(monkeypatch
         ss.get_solver("broken")
     problem, _ = make_problem("correlated", rows=4, d=16, seed=0, sparsity=0.5)
     assert problem.is_feasible(ss.solve(problem, "wanda").mask)
+
+
+def test_why_a_solver_stopped_is_apart_from_what_it_returned():
+    problem, _ = make_problem("correlated", rows=3, d=12, seed=0, sparsity=0.5)
+    exact, heuristic = ss.solve(problem, "bruteforce"), ss.solve(problem, "wanda")
+    assert (exact.termination, exact.status) == (ss.Termination.OPTIMAL, ss.SolutionStatus.OPTIMAL)
+    assert (heuristic.termination, heuristic.status) == (ss.Termination.HEURISTIC, ss.SolutionStatus.FEASIBLE)
+    assert json.loads(json.dumps(exact.summary()))["status"] == "optimal"
+
+
+def test_a_chain_out_of_time_stops_after_the_stage_in_progress():
+    import time
+
+    problem, _ = make_problem("correlated", rows=3, d=12, seed=0, sparsity=0.5)
+
+    def slow(problem, **_):
+        time.sleep(0.3)
+        return ss.mask_from_scores(problem.wanda_scores(), problem.pattern)
+
+    result = ss.solve(problem, [slow, "swaps", "bruteforce"], time_limit=0.1)
+    assert result.solver == "slow" and result.termination == ss.Termination.TIME_LIMIT
+    assert "later stages did not run" in result.message
+
+
+@pytest.mark.parametrize("scip_status, gap, expected", [("optimal", 0, "optimal"), ("gaplimit", 0, "optimal"),
+                                                        ("gaplimit", 0.01, "gap_limit"), ("timelimit", 0, "time_limit"),
+                                                        ("memlimit", 0, "memory_limit"), ("nodelimit", 0, "iteration_limit"),
+                                                        ("infeasible", 0, "infeasible"), ("userinterrupt", 0, "error")])
+def test_scip_statuses_are_reported_as_what_they_are(scip_status, gap, expected):
+    from solvers.scip import row_status
+
+    status, message = row_status(scip_status, gap)
+    assert status == expected and (("userinterrupt" in message) == (expected == "error"))
+
+
+@pytest.mark.parametrize("name, expected", [("kOptimal", "optimal"), ("kTimeLimit", "time_limit"),
+                                            ("kMemoryLimit", "memory_limit"), ("kInfeasible", "infeasible"),
+                                            ("kIterationLimit", "iteration_limit"), ("kInterrupt", "error")])
+def test_highs_statuses_are_reported_as_what_they_are(name, expected):
+    from types import SimpleNamespace
+
+    from solvers.highs import row_status
+
+    status, message = row_status(SimpleNamespace(name=name))
+    assert status == expected and (("kInterrupt" in message) == (expected == "error"))
+
+
+@pytest.mark.parametrize("name", ["scip", "highs"])
+def test_exact_solvers_spend_the_budget_of_the_whole_call(name):
+    problem, _ = make_problem("correlated", rows=3, d=12, seed=0, sparsity=0.5)
+    if not ss.get_solver(name).available()[0]:
+        pytest.skip(f"{name} is not installed")
+    start = ss.solve(problem, "wanda").mask
+    result = ss.solve(problem, name, warm_start=start, time_limit=1e-9)
+    assert result.termination == ss.Termination.TIME_LIMIT and result.status == ss.SolutionStatus.FEASIBLE
+    assert "3 of 3 rows time limit" in result.message and torch.equal(result.mask, start)
+    assert ss.solve(problem, name, row_time_limit=60).termination == ss.Termination.OPTIMAL
