@@ -71,7 +71,7 @@ def _applies(inst: Instance, target: str, parsed) -> bool:
     if max_d is not None and inst.d > max_d:
         return False
     if name == "bruteforce":
-        from solvers.bruteforce import MAX_D
+        from sparseswaps.solvers.bruteforce import MAX_D
         if inst.d > MAX_D:
             return False
     if ":" in target and inst.d % int(target.split(":")[1]):
@@ -181,6 +181,10 @@ def _mean(values):
 
 
 def plot_gaps(records: list[dict], folder: Path) -> list[Path]:
+    from .pipeline import plots_available
+
+    if not plots_available():
+        return []
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -363,6 +363,17 @@ def materialize_whole(lazy: LazyModel, overrides: dict, device) -> torch.nn.Modu
     return lazy.materialize(device, overrides)
 
 
+def plots_available() -> bool:
+    """matplotlib is the `plots` extra: without it the JSON is written and the plot is skipped, said once."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    print("no plot written: matplotlib is not installed (pip install 'sparseswaps[plots]')", file=sys.stderr)
+    return False
+
+
 # ---- checkpoints -------------------------------------------------------------------------------------
 def _default_checkpoint(out: Path | None, save: Path | None) -> Path:
     base = out if out is not None else (save if save is not None else Path("sparseswaps-run"))
@@ -479,6 +490,8 @@ def _save_model(lazy: LazyModel, store, results: dict, save: Path) -> None:
 
 
 def _plot_reductions(results: dict, path: Path) -> None:
+    if not plots_available():
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -20,17 +20,17 @@ ENTRY_POINT_GROUP = "sparseswaps.solvers"
 
 # name -> module that registers it; imported only when a solver is first asked for.
 BUILTIN_SOLVERS = {
-    "magnitude": "solvers.magnitude",
-    "wanda": "solvers.wanda",
-    "ria": "solvers.ria",
-    "sparsegpt": "solvers.sparsegpt",
-    "refit": "solvers.refit",
-    "admm": "solvers.admm",
-    "dsnot": "solvers.dsnot",
-    "swaps": "solvers.swaps",
-    "bruteforce": "solvers.bruteforce",
-    "scip": "solvers.scip",
-    "highs": "solvers.highs",
+    "magnitude": "sparseswaps.solvers.magnitude",
+    "wanda": "sparseswaps.solvers.wanda",
+    "ria": "sparseswaps.solvers.ria",
+    "sparsegpt": "sparseswaps.solvers.sparsegpt",
+    "refit": "sparseswaps.solvers.refit",
+    "admm": "sparseswaps.solvers.admm",
+    "dsnot": "sparseswaps.solvers.dsnot",
+    "swaps": "sparseswaps.solvers.swaps",
+    "bruteforce": "sparseswaps.solvers.bruteforce",
+    "scip": "sparseswaps.solvers.scip",
+    "highs": "sparseswaps.solvers.highs",
 }
 
 _REGISTRY: dict[str, type] = {}

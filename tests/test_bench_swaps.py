@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from sparseswaps import NM, PerRow, mask_from_scores
-from solvers import swaps_cpu
-from solvers.swaps import pairs_per_row, scan_nm, scan_per_row
+from sparseswaps.solvers import swaps_cpu
+from sparseswaps.solvers.swaps import pairs_per_row, scan_nm, scan_per_row
 
 SHAPES = [("torch 64x576 50%", 64, 576, PerRow(288), scan_per_row),
           ("torch 64x576 2:4", 64, 576, NM(2, 4), scan_nm),

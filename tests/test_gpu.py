@@ -23,8 +23,8 @@ def random_state(rows, d, keep, seed):
 @pytest.mark.parametrize("rows, d, keep", [(7, 64, 32), (33, 200, 80), (128, 576, 288), (5, 1000, 700),
                                            (9, 130, 65)])   # 130: a width the unrolled i loop does not divide
 def test_triton_scan_matches_the_reference(rows, d, keep, kernel):
-    from solvers.swaps import scan_per_row
-    from solvers.swaps_triton import scan_per_row_triton
+    from sparseswaps.solvers.swaps import scan_per_row
+    from sparseswaps.solvers.swaps_triton import scan_per_row_triton
 
     for seed in range(3):
         w, mask, c, gram = random_state(rows, d, keep, seed)
@@ -47,7 +47,7 @@ def test_triton_refinement_agrees_with_the_reference_after_each_iteration(spec):
 
 
 def test_out_of_memory_halves_the_batch(monkeypatch):
-    from solvers import swaps
+    from sparseswaps.solvers import swaps
 
     problem, _ = make_problem("correlated", rows=40, d=128, seed=1, sparsity=0.5)
     problem = problem.to("cuda")
@@ -86,8 +86,8 @@ def test_pipeline_on_cuda_matches_cpu(tmp_path):
 
 @pytest.mark.parametrize("rows, d, keep", [(7, 64, 32), (128, 576, 288), (9, 130, 65)])
 def test_float16_filter_estimates_the_float32_scan(rows, d, keep):
-    from solvers.swaps import masked_swap_terms
-    from solvers.swaps_triton import tile_minima
+    from sparseswaps.solvers.swaps import masked_swap_terms
+    from sparseswaps.solvers.swaps_triton import tile_minima
 
     for seed in range(3):
         w, mask, c, gram = random_state(rows, d, keep, seed)
@@ -104,8 +104,8 @@ def test_float16_filter_estimates_the_float32_scan(rows, d, keep):
 def test_operand_kernels_match_torch(rows, d, keep):
     """_terms_kernel gives torch's a and b from a float64 c; _rescore_kernel the torch re-scoring;
     _update_c_kernel torch's update of c."""
-    from solvers.swaps import apply_swaps, masked_swap_terms, rescore_candidates
-    from solvers.swaps_triton import rescore, scan_terms
+    from sparseswaps.solvers.swaps import apply_swaps, masked_swap_terms, rescore_candidates
+    from sparseswaps.solvers.swaps_triton import rescore, scan_terms
 
     w, mask, c, gram = random_state(rows, d, keep, 0)
     c64 = c.double()
@@ -137,8 +137,8 @@ def test_candidate_kernel_applies_the_swaps_of_the_torch_reference(rows, d, keep
     """swaps_triton.candidate_swaps (one program per row, float64) restores and prunes what
     candidate_swaps_torch does, and leaves c = G (w ⊙ ¬m) as it does; inactive rows and candidates that are
     no longer kept are left alone."""
-    from solvers.swaps import candidate_swaps_torch
-    from solvers.swaps_triton import candidate_swaps
+    from sparseswaps.solvers.swaps import candidate_swaps_torch
+    from sparseswaps.solvers.swaps_triton import candidate_swaps
 
     w, mask, _, gram = random_state(rows, d, keep, 2)
     w64, gram64 = w.double(), gram.double()
@@ -174,7 +174,7 @@ def test_float16_refinement_stops_at_a_float32_local_optimum(spec):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_several_swaps_per_scan_on_cuda_end_at_a_float32_local_optimum_in_fewer_scans(dtype):
-    from solvers.swaps import scan_per_row
+    from sparseswaps.solvers.swaps import scan_per_row
 
     problem, _ = make_problem("outliers", rows=48, d=256, seed=4, sparsity=0.5)
     problem = ss.MaskProblem(problem.weight.float().cuda(), problem.gram.float().cuda(), sparsity=0.5)
@@ -191,8 +191,8 @@ def test_several_swaps_per_scan_on_cuda_end_at_a_float32_local_optimum_in_fewer_
 
 
 def test_scan_dtype_auto_takes_the_float16_filter_for_wide_rows_on_cuda():
-    from solvers.swaps import HALF_MIN_WIDTH
-    from solvers.swaps_triton import GLUON
+    from sparseswaps.solvers.swaps import HALF_MIN_WIDTH
+    from sparseswaps.solvers.swaps_triton import GLUON
 
     for d, expected in ((576, "float32"), (HALF_MIN_WIDTH, "float16" if GLUON else "float32")):
         w, mask, _, gram = random_state(4, d, d // 2, 0)

@@ -165,7 +165,7 @@ def test_block_walker_reproduces_the_dense_forward(family):
 def test_refit_weights_refits_the_kept_weights():
     from conftest import make_problem
     from sparseswaps import solve
-    from solvers.refit import refit_weights
+    from sparseswaps.solvers.refit import refit_weights
 
     problem, _ = make_problem("correlated", rows=5, d=24, seed=3, sparsity=0.6)
     mask = solve(problem, "wanda").mask
@@ -192,7 +192,7 @@ def dense_least_squares(problem, mask, damping):
 def test_refit_weights_equals_the_dense_solves(family, d, spec):
     from conftest import make_problem
     from sparseswaps import solve
-    from solvers.refit import refit_weights
+    from sparseswaps.solvers.refit import refit_weights
 
     problem, _ = make_problem(family, rows=12, d=d, seed=4, tokens=4 * d, **spec)
     mask = solve(problem, "wanda").mask
@@ -206,7 +206,7 @@ def test_refit_weights_on_a_real_layer_equals_the_dense_solves():
 
     from sparseswaps import solve
     from sparseswaps.instances import load_instances
-    from solvers.refit import refit_weights
+    from sparseswaps.solvers.refit import refit_weights
 
     folder = Path(__file__).resolve().parents[1] / "benchmarks" / "instances" / "smollm2"
     instance = next(i for i in load_instances(folder) if i.d == 64)
@@ -222,7 +222,7 @@ def test_a_singular_kept_block_gets_a_true_minimiser_or_a_clear_error():
     and conjugate gradients end at a minimiser (zero gradient on the kept entries)."""
     from sparseswaps import MaskProblem
     from sparseswaps.errors import UserError
-    from solvers.refit import refit_weights
+    from sparseswaps.solvers.refit import refit_weights
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(32, 8, dtype=torch.float64, generator=generator)

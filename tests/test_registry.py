@@ -155,7 +155,7 @@ def test_a_chain_out_of_time_stops_after_the_stage_in_progress():
                                                         ("memlimit", 0, "memory_limit"), ("nodelimit", 0, "iteration_limit"),
                                                         ("infeasible", 0, "infeasible"), ("userinterrupt", 0, "error")])
 def test_scip_statuses_are_reported_as_what_they_are(scip_status, gap, expected):
-    from solvers.scip import row_status
+    from sparseswaps.solvers.scip import row_status
 
     status, message = row_status(scip_status, gap)
     assert status == expected and (("userinterrupt" in message) == (expected == "error"))
@@ -167,7 +167,7 @@ def test_scip_statuses_are_reported_as_what_they_are(scip_status, gap, expected)
 def test_highs_statuses_are_reported_as_what_they_are(name, expected):
     from types import SimpleNamespace
 
-    from solvers.highs import row_status
+    from sparseswaps.solvers.highs import row_status
 
     status, message = row_status(SimpleNamespace(name=name))
     assert status == expected and (("kInterrupt" in message) == (expected == "error"))

@@ -51,7 +51,7 @@ def test_swaps_never_increase_the_objective_and_count_swaps():
 def test_cuda_batches_follow_the_free_memory(monkeypatch):
     """Half the free GPU memory over the per-row working set: d * d pairs for the dense torch scan,
     64 bytes per entry for the fused one."""
-    from solvers.swaps import batch_rows_for
+    from sparseswaps.solvers.swaps import batch_rows_for
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 80 << 30))
@@ -91,7 +91,7 @@ def test_bad_options_are_rejected():
 
 
 def test_unknown_gpu_kernel_is_rejected():
-    from solvers.swaps_triton import scan_per_row_triton
+    from sparseswaps.solvers.swaps_triton import scan_per_row_triton
 
     w = torch.zeros(2, 8)
     with pytest.raises(ValueError, match="kernel must be one of auto, gluon, triton"):
@@ -107,7 +107,7 @@ def test_wide_rows_stay_feasible():
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_numba_engine_matches_the_torch_reference(dtype):
-    from solvers import swaps_cpu
+    from sparseswaps.solvers import swaps_cpu
 
     if not swaps_cpu.AVAILABLE:
         pytest.skip("numba is not installed")
@@ -133,7 +133,7 @@ def swap_state(seed, rows=16, d=48):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_filtered_scan_with_a_faithful_filter_matches_the_full_scan(seed):
-    from solvers.swaps import scan_filtered, scan_per_row, shortlist_from_low
+    from sparseswaps.solvers.swaps import scan_filtered, scan_per_row, shortlist_from_low
 
     w, mask, c, gram, pattern = swap_state(seed)
     noisy = lambda *args: exact_low(*args) * (1 + 1e-4 * torch.randn(len(w), w.shape[1]))  # noqa: E731
@@ -144,7 +144,7 @@ def test_filtered_scan_with_a_faithful_filter_matches_the_full_scan(seed):
 
 
 def test_a_misleading_filter_still_returns_true_deltas_of_valid_pairs():
-    from solvers.swaps import masked_swap_terms, scan_filtered, scan_per_row, shortlist_from_low
+    from sparseswaps.solvers.swaps import masked_swap_terms, scan_filtered, scan_per_row, shortlist_from_low
 
     w, mask, c, gram, pattern = swap_state(5)
     backwards = lambda *args: -exact_low(*args)  # noqa: E731
@@ -160,7 +160,7 @@ def test_a_misleading_filter_still_returns_true_deltas_of_valid_pairs():
 
 def test_rows_where_no_candidate_improves_are_scanned_exactly():
     """At a local optimum the filter finds nothing, so every row goes to the exact scan and gets its answer."""
-    from solvers.swaps import scan_filtered, scan_per_row, shortlist_from_low
+    from sparseswaps.solvers.swaps import scan_filtered, scan_per_row, shortlist_from_low
 
     problem, _ = make_problem("outliers", rows=16, d=48, seed=5, sparsity=0.5)
     problem = ss.MaskProblem(problem.weight.float(), problem.gram.float(), sparsity=0.5)
@@ -184,7 +184,7 @@ def test_rows_where_no_candidate_improves_are_scanned_exactly():
 @pytest.mark.parametrize("sparsity", [0.5, 0.7])
 def test_several_swaps_per_scan_reach_a_local_optimum_in_fewer_scans(sparsity, engine):
     """Every applied swap is exact and improving; rows still stop only at a 1-swap local optimum."""
-    from solvers import swaps_cpu
+    from sparseswaps.solvers import swaps_cpu
 
     if engine == "numba" and not swaps_cpu.AVAILABLE:
         pytest.skip("numba is not installed")
@@ -196,7 +196,7 @@ def test_several_swaps_per_scan_reach_a_local_optimum_in_fewer_scans(sparsity, e
     assert several.extra["iterations"] < paper.extra["iterations"]
     assert (several.row_objective <= problem.objective(start)).all()
     # a local optimum: the full scan finds no improving swap from either result
-    from solvers.swaps import scan_per_row
+    from sparseswaps.solvers.swaps import scan_per_row
     for result in (paper, several):
         w = problem.weight.double()
         c = (w * ~result.mask) @ problem.gram.double()
@@ -219,7 +219,7 @@ def test_scan_dtype_auto_is_float32_on_the_cpu_and_recorded():
 
 
 def test_numba_candidate_swaps_match_the_torch_steps():
-    from solvers import swaps, swaps_cpu
+    from sparseswaps.solvers import swaps, swaps_cpu
 
     if not swaps_cpu.AVAILABLE:
         pytest.skip("numba is not installed")

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_swaps import filtered_scan, synthetic_layer  # noqa: E402
 from sparseswaps import MaskProblem, mask_from_scores  # noqa: E402
-from solvers.swaps_triton import scan_per_row_triton  # noqa: E402
+from sparseswaps.solvers.swaps_triton import scan_per_row_triton  # noqa: E402
 
 
 def main(rows: int = 4096, d: int = 4096, repeats: int = 20) -> None:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from sparseswaps import MaskProblem, mask_from_scores  # noqa: E402
 from sparseswaps.instances import layer_grams  # noqa: E402
 from sparseswaps.models import load_model  # noqa: E402
-from solvers.swaps import masked_swap_terms  # noqa: E402
+from sparseswaps.solvers.swaps import masked_swap_terms  # noqa: E402
 
 LAYERS = [f"model.layers.{b}.{kind}" for b in (2, 15) for kind in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")]
 

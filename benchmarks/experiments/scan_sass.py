@@ -42,7 +42,7 @@ from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
-from solvers import swaps_triton  # noqa: E402
+from sparseswaps.solvers import swaps_triton  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 SCAN_OPS = ("FMUL", "FFMA", "FMNMX")

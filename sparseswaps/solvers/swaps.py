@@ -198,7 +198,7 @@ def choose_scan(pattern, device: torch.device, engine: str = "auto",
         return swaps_triton.scan_per_row_triton, False
     if engine == "numba":
         if device.type != "cpu" or not swaps_cpu.AVAILABLE:
-            raise UserError("engine 'numba' runs on the CPU and needs numba installed (pip install numba)")
+            raise UserError("engine 'numba' runs on the CPU and needs numba installed (pip install 'sparseswaps[cpu]')")
         return swaps_cpu.scan_per_row_numba, False
     return scan_per_row, True
 

@@ -34,7 +34,7 @@ class ExactSolver(Solver):
 
     def available(self):
         if importlib.util.find_spec(self.package) is None:
-            return False, f"{self.package} is not installed (pip install {self.package})"
+            return False, f"{self.package} is not installed (pip install 'sparseswaps[exact]')"
         return True, ""
 
     def version(self) -> str:
@@ -99,7 +99,7 @@ def row_models(problem: MaskProblem, warm_start: torch.Tensor, shift: bool) -> l
 
 def default_incumbent(problem: MaskProblem) -> torch.Tensor:
     """Wanda's mask refined by 1-swaps: a strong incumbent costs milliseconds per row."""
-    from solvers.swaps import refine
+    from sparseswaps.solvers.swaps import refine
 
     wanda = mask_from_scores(problem.wanda_scores(), problem.pattern)
     return refine(problem, wanda, dtype=torch.float64).mask
