@@ -6,6 +6,20 @@ from sparseswaps import NM, PerRow
 from conftest import make_problem
 
 
+def shortlist_from_low(approximate_low):
+    """A torch shortlist from `approximate_low(w, scale, restore, gram)` ≈ low[r, j] = min_i (a_ri - 2 w_ri w_rj
+    G_ij): the k kept j with the smallest low + b, re-scored exactly (a CPU stand-in for the GPU filter in these tests)."""
+    from sparseswaps.solvers.swaps import masked_swap_terms, rescore_candidates
+
+    def shortlist(w, mask, c, gram, k):
+        restore, prune = masked_swap_terms(w, mask, c, gram)
+        scale = -2 * w
+        estimate = approximate_low(w, scale, restore, gram).to(w.dtype) + prune
+        top = estimate.topk(k, 1, largest=False).indices.sort(1).values
+        return rescore_candidates(w, scale, restore, prune, gram, top)
+    return shortlist
+
+
 def best_swap_by_enumeration(problem, mask) -> torch.Tensor:
     """Per row, the best objective change over every feasible 1-swap, recomputed from scratch in float64."""
     base = problem.objective(mask)
@@ -133,7 +147,7 @@ def swap_state(seed, rows=16, d=48):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_filtered_scan_with_a_faithful_filter_matches_the_full_scan(seed):
-    from sparseswaps.solvers.swaps import scan_filtered, scan_per_row, shortlist_from_low
+    from sparseswaps.solvers.swaps import scan_filtered, scan_per_row
 
     w, mask, c, gram, pattern = swap_state(seed)
     noisy = lambda *args: exact_low(*args) * (1 + 1e-4 * torch.randn(len(w), w.shape[1]))  # noqa: E731
@@ -144,7 +158,7 @@ def test_filtered_scan_with_a_faithful_filter_matches_the_full_scan(seed):
 
 
 def test_a_misleading_filter_still_returns_true_deltas_of_valid_pairs():
-    from sparseswaps.solvers.swaps import masked_swap_terms, scan_filtered, scan_per_row, shortlist_from_low
+    from sparseswaps.solvers.swaps import masked_swap_terms, scan_filtered, scan_per_row
 
     w, mask, c, gram, pattern = swap_state(5)
     backwards = lambda *args: -exact_low(*args)  # noqa: E731
@@ -160,7 +174,7 @@ def test_a_misleading_filter_still_returns_true_deltas_of_valid_pairs():
 
 def test_rows_where_no_candidate_improves_are_scanned_exactly():
     """At a local optimum the filter finds nothing, so every row goes to the exact scan and gets its answer."""
-    from sparseswaps.solvers.swaps import scan_filtered, scan_per_row, shortlist_from_low
+    from sparseswaps.solvers.swaps import scan_filtered, scan_per_row
 
     problem, _ = make_problem("outliers", rows=16, d=48, seed=5, sparsity=0.5)
     problem = ss.MaskProblem(problem.weight.float(), problem.gram.float(), sparsity=0.5)
@@ -245,3 +259,26 @@ def test_numba_candidate_swaps_match_the_torch_steps():
     assert torch.equal(mask_a, mask_b) and torch.equal(work_a, work_b) and torch.equal(mask_a, work_a)
     torch.testing.assert_close(c_a, c_b, rtol=1e-12, atol=1e-9)
     assert (problem.objective(mask_a) <= problem.objective(start)).all()
+
+
+@pytest.mark.parametrize("engine", ["torch", "numba"])
+@pytest.mark.parametrize("spec", [{"sparsity": 0.5}, {"sparsity": 0.7}, {"pattern": "2:4"}])
+@pytest.mark.parametrize("quantised", [False, True])
+def test_every_cpu_engine_follows_the_reference_refinement(engine, spec, quantised):
+    """Best improvement in float64 on every engine takes the swaps swap_formula.reference_refine takes,
+    ties included (quantised weights repeat values, so equal Δ occur)."""
+    from sparseswaps.solvers.swap_formula import reference_refine
+    from sparseswaps.solvers.swaps import refine
+    from sparseswaps.solvers import swaps_cpu
+
+    if engine == "numba" and not swaps_cpu.AVAILABLE:
+        pytest.skip("numba is not installed")
+    problem, _ = make_problem("outliers", rows=6, d=24, seed=11, tokens=96, **spec)
+    if quantised:
+        problem = ss.MaskProblem((problem.weight * 4).round() / 4, problem.gram, check_psd=False, **spec)
+    start = ss.solve(problem, "magnitude").mask
+    refined = refine(problem, start, max_iters=50, dtype=torch.float64, engine=engine).mask
+    group = problem.pattern.m if isinstance(problem.pattern, NM) else None
+    for row in range(problem.rows):
+        expected = reference_refine(problem.weight[row], problem.gram, start[row], 50, group)
+        assert torch.equal(refined[row], expected), f"row {row}"

@@ -1,8 +1,7 @@
 """SparseSwaps (arXiv 2512.10922): refine a mask with exact best 1-swaps, batched over rows.
 
-Per row keep c = G (w ⊙ ¬m). Restoring pruned i and pruning kept j changes the row error by
-    Δ_ij = a_i + b_j - 2 w_i w_j G_ij,   a_i = w_i² G_ii - 2 w_i c_i,   b_j = w_j² G_jj + 2 w_j c_j.
-Each iteration every active row applies its best pair if Δ < 0, then c is updated with two columns of G
+The formula (Δ_ij = a_i + b_j - 2 w_i w_j G_ij, with c = G (w ⊙ ¬m)) and a plain reference refinement are in
+`swap_formula`; this module is the batched driver. Each iteration every active row applies its best pair if Δ < 0, then c is updated with two columns of G
 in O(d). A row stops when no swap improves it (local optimum) or after `max_iters`. N:M swaps stay in
 their group. The scan runs in `dtype` (float32 by default); c is kept in float64 and every chosen swap is
 re-checked in float64 before it is applied, so the objective never increases.
@@ -25,7 +24,8 @@ with Gluon for rows of at least `HALF_MIN_WIDTH` inputs (LLaMA-7B shapes; benchm
 bench_swaps_half.md), and float32 elsewhere (it was slower on SmolLM2's 576-wide layers); the result's
 extra["dtype"] records the choice.
 
-Ties between equal Δ go to the smallest (i, j) in row-major order, identically on every device.
+Ties between equal Δ go to the smallest j, then the smallest i, on every engine (the fused kernels' order;
+the float16 filter's and several-swaps' re-scoring of candidate columns takes the smallest i first).
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ from sparseswaps.errors import UserError
 from sparseswaps.problem import pruned_first
 
 from . import swaps_cpu, swaps_triton
+from .swap_formula import exact_deltas, masked_swap_terms, swap_terms
 
 # Working-set budget of one row batch of the dense CPU scan, in bytes; on CUDA, half the free memory.
 _CPU_BATCH_BYTES = 32 << 20
@@ -51,27 +52,12 @@ ScanFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, objec
                   tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def swap_terms(w: torch.Tensor, c: torch.Tensor, diag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """a (gain terms for restoring each entry) and b (cost terms for pruning each entry), in w's dtype
-    (the driver keeps c in float64)."""
-    c = c.to(w.dtype)
-    w2g = w * w * diag
-    return w2g - 2 * w * c, w2g + 2 * w * c
-
-
-def masked_swap_terms(w, mask, c, gram) -> tuple[torch.Tensor, torch.Tensor]:
-    """(restore, prune): a where the entry is pruned (a candidate i), b where it is kept (a candidate j),
-    +inf elsewhere, so no pair with the wrong roles can win a minimum."""
-    a, b = swap_terms(w, c, gram.diagonal())
-    return torch.where(mask, torch.inf, a), torch.where(mask, b, torch.inf)
-
-
 def dense_deltas(w, mask, c, gram) -> tuple[torch.Tensor, torch.Tensor]:
     """Δ of every (pruned i, j) pair [rows, p, d] (+inf where j is not kept) and the pruned indices [rows, p]."""
     d = w.shape[1]
     restore, prune = masked_swap_terms(w, mask, c, gram)
     pruned_count = d - int(mask[0].sum())
-    # Pruned indices in ascending order, so the flattened argmin breaks ties at the smallest (i, j).
+    # Pruned indices in ascending order, so a first minimum over them is the smallest i.
     pruned_idx = pruned_first(mask)[:, :pruned_count]
     w_i = torch.gather(w, 1, pruned_idx)
     a_i = torch.gather(restore, 1, pruned_idx)
@@ -81,23 +67,25 @@ def dense_deltas(w, mask, c, gram) -> tuple[torch.Tensor, torch.Tensor]:
     return delta, pruned_idx
 
 
+def _best_pairs(delta, pruned_idx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(best Δ, i, j, per-column minima) of each row from the dense [rows, p, d] Δ: the minimum over i of
+    every column first (first minimum: smallest i), then over j (smallest j), as the fused kernels do."""
+    low, low_at = delta.min(1)                                   # [rows, d]
+    best, j = low.min(1)
+    i = torch.gather(pruned_idx, 1, low_at.gather(1, j.unsqueeze(1))).squeeze(1)
+    return best, i, j, low
+
+
 def scan_per_row(w, mask, c, gram, pattern) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best (Δ, i, j) of each row over every (pruned i, kept j) pair: dense, batched torch."""
-    rows, d = w.shape
-    delta, pruned_idx = dense_deltas(w, mask, c, gram)
-    best, flat = delta.view(rows, -1).min(1)
-    i = torch.gather(pruned_idx, 1, (flat // d).unsqueeze(1)).squeeze(1)
-    return best, i, flat % d
+    best, i, j, _ = _best_pairs(*dense_deltas(w, mask, c, gram))
+    return best, i, j
 
 
 def scan_candidates_torch(w, mask, c, gram, pattern, k: int):
     """`scan_per_row`'s best (Δ, i, j) and each row's k best columns j by their best pair [rows, k]."""
-    rows, d = w.shape
-    delta, pruned_idx = dense_deltas(w, mask, c, gram)
-    best, flat = delta.view(rows, -1).min(1)
-    i = torch.gather(pruned_idx, 1, (flat // d).unsqueeze(1)).squeeze(1)
-    top = delta.min(1).values.topk(min(k, d), 1, largest=False).indices
-    return best, i, flat % d, top
+    best, i, j, low = _best_pairs(*dense_deltas(w, mask, c, gram))
+    return best, i, j, low.topk(min(k, w.shape[1]), 1, largest=False).indices
 
 
 def scan_candidates_half(w, mask, c, gram, pattern, k: int):
@@ -147,18 +135,6 @@ def scan_filtered(w, mask, c, gram, pattern, *, shortlist: Shortlist, exact_scan
     if len(stuck):
         best[stuck], i[stuck], j[stuck] = exact_scan(w[stuck], mask[stuck], c[stuck], gram, pattern)
     return best, i, j
-
-
-def shortlist_from_low(approximate_low) -> Shortlist:
-    """A torch shortlist from `approximate_low(w, scale, restore, gram)` ≈ low[r, j] = min_i (a_ri - 2 w_ri w_rj
-    G_ij): the k kept j with the smallest low + b, re-scored exactly (CPU stand-ins for the GPU filter)."""
-    def shortlist(w, mask, c, gram, k):
-        restore, prune = masked_swap_terms(w, mask, c, gram)
-        scale = -2 * w
-        estimate = approximate_low(w, scale, restore, gram).to(w.dtype) + prune
-        top = estimate.topk(k, 1, largest=False).indices.sort(1).values
-        return rescore_candidates(w, scale, restore, prune, gram, top)
-    return shortlist
 
 
 def rescore_candidates(w, scale, restore, prune, gram, top) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -218,14 +194,6 @@ def choose_candidate_scan(pattern, device: torch.device, engine: str, dtype: tor
     if scan is swaps_cpu.scan_per_row_numba:
         return partial(swaps_cpu.scan_candidates_numba, k=k), False
     return partial(scan_candidates_torch, k=k), True
-
-
-def exact_deltas(w64, c64, gram64, i, j) -> torch.Tensor:
-    """Δ of the chosen swap of each row, recomputed in float64 from the float64 state."""
-    rows = torch.arange(len(i), device=w64.device)
-    wi, wj = w64[rows, i], w64[rows, j]
-    return (wi * wi * gram64[i, i] - 2 * wi * c64[rows, i] + wj * wj * gram64[j, j] + 2 * wj * c64[rows, j]
-            - 2 * wi * wj * gram64[i, j])
 
 
 def pairs_per_row(problem_d: int, pattern) -> int:

@@ -6,8 +6,7 @@ packed multiply, FMA and min instructions (AVX2 and FMA here). Afterwards the be
 low[j] + b_j over the kept j, and the i of that j is found in one more pass over the pruned entries. The
 terms a and b are computed in the kernel, in w's dtype (float32 by default), and a large finite
 sentinel stands in for +inf, since fastmath makes arithmetic on infinities undefined.
-Exact ties go to the smallest j, then the smallest i, as in the Triton kernel (the torch reference takes
-the smallest i first; the driver re-checks every swap in float64 either way).
+Exact ties go to the smallest j, then the smallest i, as in every engine (swap_formula).
 benchmarks/results/bench_cpu_scan.md has its rate against this machine's measured floor.
 """
 from __future__ import annotations
@@ -16,6 +15,8 @@ import importlib.util
 
 import numpy as np
 import torch
+
+from .swap_formula import swap_terms
 
 AVAILABLE = importlib.util.find_spec("numba") is not None
 # Stands in for +inf: far above any real term, and twice it is still finite in float32.
@@ -84,14 +85,12 @@ if AVAILABLE:
 
 def scan_per_row_numba(w, mask, c, gram, pattern):
     """Best (Δ, i, j) per row over (pruned i, kept j); CPU tensors in, CPU tensors out (c may be float64:
-    the terms are computed in w's dtype, as `swaps.swap_terms` does)."""
+    the terms are computed in w's dtype, as `swap_formula.swap_terms` does)."""
     return _run(w, mask, c, gram)[:3]
 
 
 def scan_candidates_numba(w, mask, c, gram, pattern, k: int):
     """`scan_per_row_numba`'s best (Δ, i, j) and each row's k best kept columns j by low[j] + b_j [rows, k]."""
-    from .swaps import swap_terms
-
     best, best_i, best_j, low = _run(w, mask, c, gram)
     _, prune = swap_terms(w, c, gram.diagonal())
     ranking = torch.where(mask, low + prune.to(low.dtype), torch.inf)
