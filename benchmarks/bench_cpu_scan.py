@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparseswaps import PerRow, mask_from_scores  # noqa: E402
-from sparseswaps.pipeline import environment  # noqa: E402
+from sparseswaps.provenance import environment  # noqa: E402
 from sparseswaps.solvers.swaps_cpu import scan_per_row_numba  # noqa: E402
 
 OPERATIONS_PER_PAIR = 3

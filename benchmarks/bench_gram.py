@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparseswaps.calibration import accumulate_gram  # noqa: E402
-from sparseswaps.pipeline import environment  # noqa: E402
+from sparseswaps.provenance import environment  # noqa: E402
 
 
 def samples(d: int, count: int, seqlen: int, seed: int = 0):

@@ -179,7 +179,7 @@ def main() -> None:
     started = time.perf_counter()
     model = build_random_model(args.shape, blocks, args.work / f"{args.shape}-{blocks}", args.tokenizer, args.device)
     print(f"built {model} in {time.perf_counter() - started:.0f} s", flush=True)
-    from sparseswaps.pipeline import PROTOCOLS
+    from sparseswaps.config import PROTOCOLS
 
     preset = PROTOCOLS[args.protocol]
     for method in args.methods.split(","):

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparseswaps as ss  # noqa: E402
 from sparseswaps.instances import synthetic_instances  # noqa: E402
-from sparseswaps.pipeline import environment  # noqa: E402
+from sparseswaps.provenance import environment  # noqa: E402
 
 TARGETS = ("50%", "60%", "2:4")
 

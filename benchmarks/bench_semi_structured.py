@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from sparseswaps import NM, mask_from_scores  # noqa: E402
 from sparseswaps.errors import UserError  # noqa: E402
-from sparseswaps.pipeline import environment  # noqa: E402
+from sparseswaps.provenance import environment  # noqa: E402
 from sparseswaps.speed import (block_linears, check_nm, cuda_seconds, kernel_seconds,  # noqa: E402
                                require_sparse_tensor_cores, speedups, throughput, to_semi_structured)
 

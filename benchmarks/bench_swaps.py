@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparseswaps import MaskProblem, mask_from_scores  # noqa: E402
-from sparseswaps.pipeline import environment  # noqa: E402
+from sparseswaps.provenance import environment  # noqa: E402
 from sparseswaps.solvers.swaps import apply_swaps, pairs_per_row, refine, scan_filtered, scan_nm  # noqa: E402
 from sparseswaps.solvers.swaps_triton import GLUON, half_shortlist, scan_per_row_triton, tuned_config  # noqa: E402
 

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparseswaps as ss  # noqa: E402
-from sparseswaps.pipeline import environment  # noqa: E402
+from sparseswaps.provenance import environment  # noqa: E402
 
 SYNTHETIC_8B = [(4096, 4096), (14336, 4096), (4096, 14336)]
 

@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from run_pruning import METHODS, grouped_bars, matrix_parser, target_fields  # noqa: E402
 from sparseswaps.models import load_model  # noqa: E402
-from sparseswaps.pipeline import PruneConfig, environment, prune_model  # noqa: E402
+from sparseswaps.pipeline import PruneConfig, prune_model  # noqa: E402
+from sparseswaps.provenance import environment  # noqa: E402
 from sparseswaps.zeroshot import OFFICIAL_ITEMS, zero_shot, zero_shot_table  # noqa: E402
 
 

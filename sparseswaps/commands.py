@@ -60,7 +60,8 @@ def add_prune(commands) -> None:
 
 
 def run_prune(args) -> int:
-    from .pipeline import PruneConfig, prune_model
+    from .config import PruneConfig
+    from .pipeline import prune_model
 
     # --sparsity defaults to 0.5; PruneConfig drops it when --pattern is given (the two are exclusive).
     config = PruneConfig(model=args.model, tokenizer=args.tokenizer, solver=args.solver,
@@ -126,7 +127,10 @@ def add_evaluate(commands) -> None:
 def run_evaluate(args) -> int:
     from .evaluate import streaming_perplexities
     from .models import needs_bos_per_window, open_model
-    from .pipeline import materialize_whole, environment, resolve_device, write_json_atomic
+    from .checkpoint import write_json_atomic
+    from .config import resolve_device
+    from .pipeline import materialize_whole
+    from .provenance import environment
     from .zeroshot import check_tasks, zero_shot, zero_shot_table
 
     if args.out is not None and args.out.exists():
@@ -174,7 +178,8 @@ def run_speed(args) -> int:
     from .data import evaluation_windows
     from .evaluate import window_losses
     from .models import load_model
-    from .pipeline import environment, write_json_atomic
+    from .checkpoint import write_json_atomic
+    from .provenance import environment
     from .speed import (HALF_DTYPES, block_linears, check_nm, require_sparse_tensor_cores, semi_structured_backend,
                         speedups, throughput, to_semi_structured)
 
@@ -268,7 +273,7 @@ def add_gaps(commands) -> None:
 def run_gaps_command(args) -> int:
     from .gaps import run_gaps, save_optima, read_jsonl, write_report
     from .instances import load_instances
-    from .pipeline import environment
+    from .provenance import environment
 
     instances = load_instances(args.instances)
     targets = [f"{float(s):.0%}" for s in args.sparsity] + list(args.pattern)

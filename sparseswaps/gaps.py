@@ -181,7 +181,7 @@ def _mean(values):
 
 
 def plot_gaps(records: list[dict], folder: Path) -> list[Path]:
-    from .pipeline import plots_available
+    from .output import plots_available
 
     if not plots_available():
         return []
