@@ -7,6 +7,7 @@ The largest such s is the smallest eigenvalue of G's correlation matrix (indepen
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import math
@@ -150,10 +151,19 @@ def row_limit(row_time_limit: float | None, deadline: float | None) -> float | N
     return min(limits) if limits else None
 
 
-def out_of_time(model: "RowModel", started: float) -> RowOutcome:
-    """A row the budget did not reach: its incumbent, the trivial bound."""
-    return RowOutcome(prune=model.incumbent, bound=0.0, status=Termination.TIME_LIMIT.value, nodes=0,
-                      seconds=time.perf_counter() - started)
+def within_budget(solve_row):
+    """Wraps a row solver f(model, time_limit, *rest) into one taking the task (model, row_time_limit,
+    deadline, *rest): its limit is the smaller of the row's cap and what is left of the call's budget, and a
+    row the budget does not reach returns its incumbent with the trivial bound."""
+    @functools.wraps(solve_row)
+    def run(task) -> RowOutcome:
+        model, row_time_limit, deadline, *rest = task
+        limit = row_limit(row_time_limit, deadline)
+        if limit is not None and limit <= 0:
+            return RowOutcome(prune=model.incumbent, bound=0.0, status=Termination.TIME_LIMIT.value, nodes=0,
+                              seconds=0.0)
+        return solve_row(model, limit, *rest)
+    return run
 
 
 def deadline_of(time_limit: float | None) -> float | None:

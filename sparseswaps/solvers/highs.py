@@ -22,8 +22,7 @@ from sparseswaps import MaskProblem, Solution, Termination, register
 from sparseswaps.registry import SolverError
 
 from .exact import (ExactSolver, RowModel, RowOutcome, assemble, deadline_of, default_incumbent, map_rows,
-                    objective_scale, out_of_time, row_limit,
-                    row_models)
+                    objective_scale, row_models, within_budget)
 
 _BOUND_SLACK = 1e-9
 
@@ -93,14 +92,11 @@ def row_status(highs_status) -> tuple[str, str]:
     return Termination.ERROR.value, f"HiGHS stopped with model status {name}"
 
 
-def _solve_row_milp(task) -> RowOutcome:
-    model, row_time_limit, deadline, seed, threads = task
+@within_budget
+def _solve_row_milp(model, time_limit, seed, threads) -> RowOutcome:
     import highspy
 
     started = time.perf_counter()
-    time_limit = row_limit(row_time_limit, deadline)
-    if time_limit is not None and time_limit <= 0:
-        return out_of_time(model, started)
     d = len(model.w)
     scale = objective_scale(model)
     quad = (model.quad + np.diag(model.linear)) / scale   # Q_ii p_i absorbs the linear term on binaries
@@ -151,14 +147,11 @@ def certified_relaxation_bound(quad, linear, groups, point) -> float:
     return value + float(box_min)
 
 
-def _solve_row_qp(task) -> RowOutcome:
-    model, row_time_limit, deadline, seed, threads = task
+@within_budget
+def _solve_row_qp(model, time_limit, seed, threads) -> RowOutcome:
     import highspy
 
     started = time.perf_counter()
-    time_limit = row_limit(row_time_limit, deadline)
-    if time_limit is not None and time_limit <= 0:
-        return out_of_time(model, started)
     d = len(model.w)
     scale = objective_scale(model)
     quad, linear = model.quad / scale, model.linear / scale

@@ -18,7 +18,7 @@ import numpy as np
 from sparseswaps import MaskProblem, Solution, Termination, register
 
 from .exact import (ExactSolver, RowModel, RowOutcome, assemble, deadline_of, default_incumbent, map_rows,
-                    objective_scale, out_of_time, row_limit, row_models)
+                    objective_scale, row_models, within_budget)
 
 _FEASTOL = 1e-9
 
@@ -41,14 +41,11 @@ def row_status(scip_status: str, gap: float) -> tuple[str, str]:
     return Termination.ERROR.value, f"SCIP stopped with status {scip_status!r}"
 
 
-def _solve_row(task) -> RowOutcome:
-    model, row_time_limit, deadline, gap, seed, params = task
+@within_budget
+def _solve_row(model, time_limit, gap, seed, params) -> RowOutcome:
     from pyscipopt import Model, quicksum
 
     started = time.perf_counter()
-    time_limit = row_limit(row_time_limit, deadline)
-    if time_limit is not None and time_limit <= 0:
-        return out_of_time(model, started)
     scale = objective_scale(model)
     factor = model.factor / np.sqrt(scale)
     linear = model.linear / scale
