@@ -7,6 +7,10 @@ took on this machine. Layer-wise only: what a full model gains is the full-model
 
     python benchmarks/experiments/export_layers.py --out layers.safetensors
     python benchmarks/bench_weights.py --layers layers.safetensors --out benchmarks/results/weights_layers_cpu.json
+    python benchmarks/bench_weights.py --oracle --out benchmarks/results/weights_gaps_d12_cpu.json
+
+`--oracle`: synthetic rows of 12 inputs (the test families), every chain's gap to the proven optimum of
+masks and weights together (`bruteforce_refit`): mean over rows of (error - optimum) / optimum.
 """
 from __future__ import annotations
 
@@ -57,16 +61,39 @@ def measure(name: str, weight: torch.Tensor, gram: torch.Tensor) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def oracle_gaps() -> list[dict]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import make_problem
+
+    rows = []
+    for family in ("iid", "correlated", "outliers"):
+        for target, spec in TARGETS.items():
+            problem, _ = make_problem(family, rows=32, d=12, seed=0, tokens=48, **spec)
+            optimum = ss.solve(problem, "bruteforce_refit").row_weight_objective
+            for chain in CHAINS:
+                result = run_chain(problem, chain)
+                error = result.row_weight_objective if result.weight is not None else result.row_objective
+                gaps = (error - optimum) / optimum
+                rows.append({"layer": f"{family} d=12", "target": target, "chain": "+".join(chain),
+                             "relative_error": float(gaps.mean()), "rows_at_optimum": int((gaps < 1e-9).sum()),
+                             "rows": problem.rows})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], oracle: bool = False) -> str:
     chains = ["+".join(chain) for chain in CHAINS]
-    lines = ["| layer | target | " + " | ".join(chains) + " |", "|---|---|" + "---:|" * len(chains)]
+    lines = [f"| {'instances' if oracle else 'layer'} | target | " + " | ".join(chains) + " |", "|---|---|" + "---:|" * len(chains)]
     keyed = {}
     for row in rows:
         keyed.setdefault((row["layer"], row["target"]), {})[row["chain"]] = row["relative_error"]
     for (layer, target), by_chain in keyed.items():
         best = min(by_chain.values())
-        cells = [f"**{by_chain[c]:.4f}**" if by_chain[c] == best else f"{by_chain[c]:.4f}" for c in chains]
+        style = "{:.2%}" if oracle else "{:.4f}"
+        cells = [f"**{style.format(by_chain[c])}**" if by_chain[c] == best else style.format(by_chain[c]) for c in chains]
         lines.append(f"| {layer.removeprefix('model.layers.')} | {target} | " + " | ".join(cells) + " |")
+    if oracle:
+        return "\n".join(lines) + "\n\nBold: lowest in the row."
     return "\n".join(lines) + ("\n\nRelative error = ||W X - Ŵ X||² / ||W X||² with each chain's weights (mask-only "
                                "chains keep w ⊙ m); bold: lowest in the row.")
 
@@ -75,16 +102,24 @@ def main() -> None:
     from safetensors.torch import load_file
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=Path, required=True, help="from benchmarks/experiments/export_layers.py")
+    parser.add_argument("--layers", type=Path, help="from benchmarks/experiments/export_layers.py")
+    parser.add_argument("--oracle", action="store_true", help="gaps to the brute-force optimum on 12-input rows")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    tensors = load_file(str(args.layers))
-    rows = []
-    for name in sorted({key.rsplit(".", 1)[0] for key in tensors}):
-        rows += measure(name, tensors[f"{name}.weight"].float(), tensors[f"{name}.gram"].float())
+    if args.oracle == (args.layers is not None):
+        parser.error("give either --layers or --oracle")
+    if args.oracle:
+        rows = oracle_gaps()
+        note = "\n\nMean over rows of (error - optimum) / optimum, the optimum of masks and weights from bruteforce_refit."
+    else:
+        tensors = load_file(str(args.layers))
+        rows = []
+        for name in sorted({key.rsplit(".", 1)[0] for key in tensors}):
+            rows += measure(name, tensors[f"{name}.weight"].float(), tensors[f"{name}.gram"].float())
+        note = ""
     args.out.write_text(json.dumps({"rows": rows, "swap_options": SWAPS, "environment": environment()}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(rows) + "\n")
-    print(markdown(rows))
+    args.out.with_suffix(".md").write_text(markdown(rows, oracle=args.oracle) + note + "\n")
+    print(markdown(rows, oracle=args.oracle))
 
 
 if __name__ == "__main__":

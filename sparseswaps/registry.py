@@ -29,6 +29,7 @@ BUILTIN_SOLVERS = {
     "dsnot": "sparseswaps.solvers.dsnot",
     "swaps": "sparseswaps.solvers.swaps",
     "bruteforce": "sparseswaps.solvers.bruteforce",
+    "bruteforce_refit": "sparseswaps.solvers.bruteforce",
     "scip": "sparseswaps.solvers.scip",
     "highs": "sparseswaps.solvers.highs",
 }

@@ -17,6 +17,7 @@ SOLVER_CASES = {
     "dsnot": {},
     "swaps": {},
     "bruteforce": {},
+    "bruteforce_refit": {},
     "scip": {"time_limit": 60},
     "highs": {"time_limit": 60},
 }

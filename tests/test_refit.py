@@ -97,3 +97,19 @@ def test_admm_option_errors_are_solver_errors():
         ss.solve(problem, "admm", iters=5, iterative_prune=10)
     with pytest.raises(SolverError, match="rho > 0"):
         ss.solve(problem, "admm", rho=0.0)
+
+
+@pytest.mark.parametrize("spec", [{"sparsity": 0.5}, {"sparsity": 0.75}, {"pattern": "2:4"}])
+@pytest.mark.parametrize("family", ["iid", "correlated", "outliers"])
+def test_no_chain_beats_the_brute_force_optimum_of_masks_and_weights(family, spec):
+    """bruteforce_refit is the oracle: every chain's error with its weights is at least its per-row optimum,
+    and refit on the oracle's mask gives the oracle's error."""
+    problem, _ = make_problem(family, rows=4, d=12, seed=3, tokens=48, **spec)
+    optimum = ss.solve(problem, "bruteforce_refit")
+    assert optimum.termination == ss.Termination.OPTIMAL and problem.is_feasible(optimum.mask)
+    for chain in (["wanda", "refit"], ["sparsegpt"], ["admm"], ["admm", "refit"], ["wanda", "swaps", "refit"],
+                  ["bruteforce", "refit"]):
+        result = ss.solve(problem, chain)
+        assert (result.row_weight_objective >= optimum.row_weight_objective * (1 - 1e-9) - 1e-12).all(), chain
+    again = ss.solve(problem, "refit", warm_start=optimum.mask, damping=0.0)
+    torch.testing.assert_close(again.row_weight_objective, optimum.row_weight_objective, rtol=1e-8, atol=1e-10)

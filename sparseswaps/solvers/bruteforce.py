@@ -40,3 +40,41 @@ class BruteForceSolver(Solver):
             best_values.append(values[best])
         # The optimum is its own lower bound.
         return Solution(torch.stack(best_masks), Termination.OPTIMAL, row_bound=torch.stack(best_values))
+
+
+REFIT_MAX_D = 12
+
+
+def refit_errors(w: torch.Tensor, gram: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every candidate keep-mask of one row: the least-squares error min_v (w - v)ᵀ G (w - v) over v zero
+    outside the mask, and that v [count, d]; float64, least squares (exact also where G_SS is singular)."""
+    count, d = candidates.shape
+    kept = candidates.nonzero()[:, 1].view(count, -1)                 # every candidate keeps the same number
+    target = gram @ w
+    system = gram[kept.unsqueeze(2), kept.unsqueeze(1)]               # [count, k, k]
+    solution = torch.linalg.lstsq(system, target[kept].unsqueeze(2), driver="gelsd").solution.squeeze(2)
+    weights = torch.zeros(count, d, dtype=torch.float64, device=w.device).scatter_(1, kept, solution)
+    residual = w - weights
+    return ((residual @ gram) * residual).sum(1), weights
+
+
+@register("bruteforce_refit")
+class BruteForceRefitSolver(Solver):
+    """Every feasible mask of every row, each with its least-squares weights: the optimum of masks and weights
+    together (its `weight_objective`), the test oracle for that problem on rows of at most 12 inputs. Its
+    termination `optimal` refers to that problem; its mask-only objective is not minimal."""
+
+    def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0) -> Solution:
+        if problem.d > REFIT_MAX_D:
+            raise ProblemError(f"bruteforce_refit re-fits every mask and takes rows of at most {REFIT_MAX_D} "
+                               f"inputs; this layer has {problem.d}")
+        candidates = feasible_masks(problem.d, problem.pattern).to(problem.device)
+        gram = problem.gram.to(torch.float64)
+        masks, weights = [], []
+        for w in problem.weight.to(torch.float64):
+            errors, refitted = refit_errors(w, gram, candidates)
+            best = int(torch.argmin(errors))
+            masks.append(candidates[best])
+            weights.append(refitted[best])
+        return Solution(torch.stack(masks), Termination.OPTIMAL, weight=torch.stack(weights).to(problem.weight.dtype),
+                        message="optimal for masks and weights together (weight_objective)")
