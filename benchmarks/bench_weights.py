@@ -28,6 +28,8 @@ from sparseswaps.provenance import environment  # noqa: E402
 
 CHAINS = [["wanda"], ["wanda", "refit"], ["wanda", "swaps"], ["wanda", "swaps", "refit"], ["sparsegpt"],
           ["sparsegpt", "refit"], ["admm"], ["admm", "refit"]]
+# 1-swaps on the re-fitted error cost O(k² (d - k)) per row and scan: the oracle instances only
+ORACLE_CHAINS = CHAINS + [["wanda", "swaps", "refit_swaps"], ["admm", "refit_swaps"]]
 TARGETS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "2:4": {"pattern": "2:4"}}
 SWAPS = {"max_iters": 1000, "swaps_per_scan": 16}     # to a 1-swap local optimum (per-row patterns)
 
@@ -61,28 +63,43 @@ def measure(name: str, weight: torch.Tensor, gram: torch.Tensor) -> list[dict]:
     return rows
 
 
-def oracle_gaps() -> list[dict]:
+def oracle_instances():
+    """(label, target, problem): the test families at 12 inputs, and the real 16-input SmolLM2 sub-layers
+    (21 instances of 2 rows, pooled under one label)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import make_problem
+    from sparseswaps.instances import load_instances
 
-    rows = []
     for family in ("iid", "correlated", "outliers"):
         for target, spec in TARGETS.items():
-            problem, _ = make_problem(family, rows=32, d=12, seed=0, tokens=48, **spec)
-            optimum = ss.solve(problem, "bruteforce_refit").row_weight_objective
-            for chain in CHAINS:
-                result = run_chain(problem, chain)
-                error = result.row_weight_objective if result.weight is not None else result.row_objective
-                gaps = (error - optimum) / optimum
-                rows.append({"layer": f"{family} d=12", "target": target, "chain": "+".join(chain),
-                             "relative_error": float(gaps.mean()), "rows_at_optimum": int((gaps < 1e-9).sum()),
-                             "rows": problem.rows})
-                print(json.dumps(rows[-1]), flush=True)
+            yield f"{family} d=12", target, make_problem(family, rows=32, d=12, seed=0, tokens=48, **spec)[0]
+    real = [i for i in load_instances(Path(__file__).resolve().parent / "instances" / "smollm2") if i.d == 16]
+    for target in TARGETS:
+        for instance in real:
+            yield "SmolLM2 real d=16", target, instance.problem(target)
+
+
+def oracle_gaps() -> list[dict]:
+    pooled: dict[tuple, list] = {}
+    for label, target, problem in oracle_instances():
+        optimum = ss.solve(problem, "bruteforce_refit").row_weight_objective
+        for chain in ORACLE_CHAINS:
+            result = run_chain(problem, chain)
+            error = result.row_weight_objective if result.weight is not None else result.row_objective
+            gaps = (error - optimum) / optimum.clamp_min(torch.finfo(torch.float64).tiny)
+            entry = pooled.setdefault((label, target, "+".join(chain)), [[], 0.0])
+            entry[0] += gaps.tolist()
+            entry[1] += result.runtime_s
+    rows = []
+    for (label, target, chain), (gaps, seconds) in pooled.items():
+        rows.append({"layer": label, "target": target, "chain": chain, "relative_error": sum(gaps) / len(gaps),
+                     "rows_at_optimum": sum(gap < 1e-9 for gap in gaps), "rows": len(gaps), "seconds": seconds})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def markdown(rows: list[dict], oracle: bool = False) -> str:
-    chains = ["+".join(chain) for chain in CHAINS]
+    chains = ["+".join(chain) for chain in (ORACLE_CHAINS if oracle else CHAINS)]
     lines = [f"| {'instances' if oracle else 'layer'} | target | " + " | ".join(chains) + " |", "|---|---|" + "---:|" * len(chains)]
     keyed = {}
     for row in rows:

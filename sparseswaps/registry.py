@@ -25,6 +25,7 @@ BUILTIN_SOLVERS = {
     "ria": "sparseswaps.solvers.ria",
     "sparsegpt": "sparseswaps.solvers.sparsegpt",
     "refit": "sparseswaps.solvers.refit",
+    "refit_swaps": "sparseswaps.solvers.refit_swaps",
     "admm": "sparseswaps.solvers.admm",
     "dsnot": "sparseswaps.solvers.dsnot",
     "swaps": "sparseswaps.solvers.swaps",

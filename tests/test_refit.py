@@ -113,3 +113,44 @@ def test_no_chain_beats_the_brute_force_optimum_of_masks_and_weights(family, spe
         assert (result.row_weight_objective >= optimum.row_weight_objective * (1 - 1e-9) - 1e-12).all(), chain
     again = ss.solve(problem, "refit", warm_start=optimum.mask, damping=0.0)
     torch.testing.assert_close(again.row_weight_objective, optimum.row_weight_objective, rtol=1e-8, atol=1e-10)
+
+
+def test_refit_swap_gains_are_the_exact_change_of_the_refitted_error():
+    from sparseswaps.solvers.bruteforce import refit_errors
+    from sparseswaps.solvers.refit_swaps import swap_gains
+
+    problem, _ = make_problem("outliers", rows=1, d=12, seed=4, tokens=48, sparsity=0.5)
+    w, gram = problem.weight[0].double(), problem.gram.double()
+    keep = ss.solve(problem, "wanda").mask[0]
+    delta, kept, pruned, error = swap_gains(w, gram, keep)
+    swapped = keep.repeat(len(kept) * len(pruned), 1)
+    for a in range(len(kept)):
+        for b in range(len(pruned)):
+            swapped[a * len(pruned) + b, kept[a]] = False
+            swapped[a * len(pruned) + b, pruned[b]] = True
+    errors, _ = refit_errors(w, gram, swapped)
+    assert error == pytest.approx(float(refit_errors(w, gram, keep[None])[0][0]), rel=1e-9)
+    torch.testing.assert_close(delta.flatten(), errors - error, rtol=1e-7, atol=1e-9 * error)
+
+
+@pytest.mark.parametrize("spec", [{"sparsity": 0.5}, {"pattern": "2:4"}])
+def test_refit_swaps_end_where_no_swap_lowers_the_refitted_error(spec):
+    from sparseswaps.solvers.bruteforce import refit_errors
+
+    problem, _ = make_problem("correlated", rows=3, d=12, seed=6, tokens=48, **spec)
+    result = ss.solve(problem, ["wanda", "refit_swaps"])
+    assert result.termination == ss.Termination.LOCAL_OPTIMUM and problem.is_feasible(result.mask)
+    wanda_refit = ss.solve(problem, ["wanda", "refit"])
+    assert (result.row_weight_objective <= wanda_refit.row_weight_objective * (1 + 1e-9)).all()
+    gram = problem.gram.double()
+    for row, keep in enumerate(result.mask):
+        neighbours = []
+        for i in keep.nonzero().flatten():
+            for j in (~keep).nonzero().flatten():
+                if "pattern" in spec and i // 4 != j // 4:
+                    continue
+                swapped = keep.clone()
+                swapped[i], swapped[j] = False, True
+                neighbours.append(swapped)
+        errors, _ = refit_errors(problem.weight[row].double(), gram, torch.stack(neighbours))
+        assert errors.min() >= result.row_weight_objective[row] * (1 - 1e-9)

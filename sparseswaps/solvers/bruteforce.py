@@ -42,7 +42,7 @@ class BruteForceSolver(Solver):
         return Solution(torch.stack(best_masks), Termination.OPTIMAL, row_bound=torch.stack(best_values))
 
 
-REFIT_MAX_D = 12
+REFIT_MAX_D = 16
 
 
 def refit_errors(w: torch.Tensor, gram: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +61,7 @@ def refit_errors(w: torch.Tensor, gram: torch.Tensor, candidates: torch.Tensor) 
 @register("bruteforce_refit")
 class BruteForceRefitSolver(Solver):
     """Every feasible mask of every row, each with its least-squares weights: the optimum of masks and weights
-    together (its `weight_objective`), the test oracle for that problem on rows of at most 12 inputs. Its
+    together (its `weight_objective`), the test oracle for that problem on rows of at most 16 inputs. Its
     termination `optimal` refers to that problem; its mask-only objective is not minimal."""
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0) -> Solution:
