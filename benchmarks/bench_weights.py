@@ -8,6 +8,8 @@ took on this machine. Layer-wise only: what a full model gains is the full-model
     python benchmarks/experiments/export_layers.py --out layers.safetensors
     python benchmarks/bench_weights.py --layers layers.safetensors --out benchmarks/results/weights_layers_cpu.json
     python benchmarks/bench_weights.py --oracle --out benchmarks/results/weights_gaps_d12_cpu.json
+    python benchmarks/bench_weights.py --layers layers.safetensors --refit-swaps-max-d 576 \
+        --out benchmarks/results/weights_layers_refit_swaps_cpu.json
 
 `--oracle`: synthetic rows of 12 inputs (the test families), every chain's gap to the proven optimum of
 masks and weights together (`bruteforce_refit`): mean over rows of (error - optimum) / optimum.
@@ -48,12 +50,12 @@ def run_chain(problem: ss.MaskProblem, chain: list[str]) -> ss.SolveResult:
     return refitted
 
 
-def measure(name: str, weight: torch.Tensor, gram: torch.Tensor) -> list[dict]:
+def measure(name: str, weight: torch.Tensor, gram: torch.Tensor, targets: list[str], chains: list) -> list[dict]:
     rows = []
-    for target, spec in TARGETS.items():
-        problem = ss.MaskProblem(weight, gram, check_psd=False, **spec)
+    for target in targets:
+        problem = ss.MaskProblem(weight, gram, check_psd=False, **TARGETS[target])
         dense = float(problem.objective(torch.zeros_like(weight, dtype=torch.bool)).sum())
-        for chain in CHAINS:
+        for chain in chains:
             result = run_chain(problem, chain)
             error = result.weight_objective if result.weight is not None else result.objective
             rows.append({"layer": name, "shape": list(weight.shape), "target": target, "chain": "+".join(chain),
@@ -99,7 +101,7 @@ def oracle_gaps() -> list[dict]:
 
 
 def markdown(rows: list[dict], oracle: bool = False) -> str:
-    chains = ["+".join(chain) for chain in (ORACLE_CHAINS if oracle else CHAINS)]
+    chains = list(dict.fromkeys(row["chain"] for row in rows))
     lines = [f"| {'instances' if oracle else 'layer'} | target | " + " | ".join(chains) + " |", "|---|---|" + "---:|" * len(chains)]
     keyed = {}
     for row in rows:
@@ -121,6 +123,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=Path, help="from benchmarks/experiments/export_layers.py")
     parser.add_argument("--oracle", action="store_true", help="gaps to the brute-force optimum on 12-input rows")
+    parser.add_argument("--refit-swaps-max-d", type=int, default=0,
+                        help="instead of the main chains, the refit_swaps chains on layers this narrow or narrower")
+    parser.add_argument("--targets", default="50%,2:4", help="with --refit-swaps-max-d")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.oracle == (args.layers is not None):
@@ -130,10 +135,17 @@ def main() -> None:
         note = "\n\nMean over rows of (error - optimum) / optimum, the optimum of masks and weights from bruteforce_refit."
     else:
         tensors = load_file(str(args.layers))
-        rows = []
-        for name in sorted({key.rsplit(".", 1)[0] for key in tensors}):
-            rows += measure(name, tensors[f"{name}.weight"].float(), tensors[f"{name}.gram"].float())
-        note = ""
+        names = sorted({key.rsplit(".", 1)[0] for key in tensors})
+        rows, note = [], ""
+        if args.refit_swaps_max_d:      # the refit-aware swaps only, on the narrower layers
+            names = [n for n in names if tensors[f"{n}.weight"].shape[1] <= args.refit_swaps_max_d]
+            chains, targets = ORACLE_CHAINS[len(CHAINS):], args.targets.split(",")
+            note = f"\n\nLayers of at most {args.refit_swaps_max_d} inputs; targets {args.targets}."
+        else:
+            chains, targets = CHAINS, list(TARGETS)
+        for name in names:
+            rows += measure(name, tensors[f"{name}.weight"].float(), tensors[f"{name}.gram"].float(), targets,
+                            chains)
     args.out.write_text(json.dumps({"rows": rows, "swap_options": SWAPS, "environment": environment()}, indent=1))
     args.out.with_suffix(".md").write_text(markdown(rows, oracle=args.oracle) + note + "\n")
     print(markdown(rows, oracle=args.oracle))

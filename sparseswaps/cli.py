@@ -9,10 +9,12 @@ def _solvers(args) -> int:
     from .registry import solver_status
 
     rows = solver_status()
-    print(f"{'solver':<11} {'available':<9} {'exact':<5} {'bound':<5} {'warm':<5} {'gpu':<4} patterns  note")
+    print(f"{'solver':<16} {'available':<9} {'exact':<5} {'bound':<5} {'warm':<5} {'weights':<7} {'gpu':<4} "
+          "patterns  note")
     for row in rows:
-        flags = [("yes" if row[key] else "-") for key in ("available", "exact", "bound", "warm_start", "gpu")]
-        print(f"{row['name']:<11} {flags[0]:<9} {flags[1]:<5} {flags[2]:<5} {flags[3]:<5} {flags[4]:<4} "
+        flags = [("yes" if row[key] else "-")
+                 for key in ("available", "exact", "bound", "warm_start", "weights", "gpu")]
+        print(f"{row['name']:<16} {flags[0]:<9} {flags[1]:<5} {flags[2]:<5} {flags[3]:<5} {flags[4]:<7} {flags[5]:<4} "
               f"{','.join(row['patterns']):<9} {row['reason']}")
     return 0
 

@@ -51,6 +51,7 @@ class Solver:
     gives_bound = False      # reports a valid lower bound
     patterns: tuple = (PerRow, NM)
     warm_start = False       # uses a warm-start mask
+    weights = False          # returns re-fitted weights (Solution.weight) beside the mask
     gpu = True               # runs on CUDA when the problem's tensors are there (torch backends)
 
     def available(self) -> tuple[bool, str]:
@@ -123,10 +124,10 @@ def solver_status() -> list[dict]:
     for name, cls in solver_classes().items():
         ok, why = cls().available()
         rows.append({"name": name, "available": ok, "reason": why, "exact": cls.exact,
-                     "bound": cls.gives_bound, "warm_start": cls.warm_start, "gpu": cls.gpu,
+                     "bound": cls.gives_bound, "warm_start": cls.warm_start, "weights": cls.weights, "gpu": cls.gpu,
                      "patterns": [p.__name__ for p in cls.patterns]})
     rows += [{"name": name, "available": False, "reason": why, "exact": False, "bound": False,
-              "warm_start": False, "gpu": False, "patterns": []} for name, why in sorted(_BROKEN.items())]
+              "warm_start": False, "weights": False, "gpu": False, "patterns": []} for name, why in sorted(_BROKEN.items())]
     return sorted(rows, key=lambda row: row["name"])
 
 

@@ -59,6 +59,7 @@ def test_feasible_bounded_and_exact(name, label, instances):
         assert result.mask.dtype == torch.bool and result.mask.shape == problem.weight.shape
         torch.testing.assert_close(result.row_objective, problem.objective(result.mask), rtol=0, atol=0)
         assert (result.row_objective >= optimum.row_objective * (1 - REL)).all()
+        assert (result.weight is not None) == ss.solver_classes()[name].weights, "the weights flag says otherwise"
         if result.weight is not None:
             assert (result.weight[~result.mask] == 0).all()
             assert torch.equal(result.row_weight_objective, problem.reconstruction_error(result.weight))

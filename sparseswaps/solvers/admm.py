@@ -64,6 +64,8 @@ def admm(weight: torch.Tensor, gram: torch.Tensor, pattern, *, iters: int = 20, 
 class AdmmSolver(Solver):
     """ADMM weight update with gradual magnitude masking (mask and weights)."""
 
+    weights = True
+
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, iters: int = 20,
               iterative_prune: int = 15, percdamp: float = 0.1, rho: float = 1.0) -> Solution:
         if not (isinstance(iters, int) and isinstance(iterative_prune, int) and 0 <= iterative_prune <= iters):

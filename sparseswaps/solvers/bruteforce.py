@@ -64,6 +64,8 @@ class BruteForceRefitSolver(Solver):
     together (its `weight_objective`), the test oracle for that problem on rows of at most 16 inputs. Its
     termination `optimal` refers to that problem; its mask-only objective is not minimal."""
 
+    weights = True
+
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0) -> Solution:
         if problem.d > REFIT_MAX_D:
             raise ProblemError(f"bruteforce_refit re-fits every mask and takes rows of at most {REFIT_MAX_D} "

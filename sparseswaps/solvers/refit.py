@@ -82,6 +82,7 @@ class RefitSolver(Solver):
     rows the iteration leaves short of the tolerance)."""
 
     warm_start = True
+    weights = True
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, damping: float = 1e-6,
               tolerance: float = 1e-10) -> Solution:

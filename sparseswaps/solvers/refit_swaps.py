@@ -67,6 +67,7 @@ class RefitSwapsSolver(Solver):
     its least-squares weights."""
 
     warm_start = True
+    weights = True
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0,
               max_iters: int = 1000) -> Solution:

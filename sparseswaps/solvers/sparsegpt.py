@@ -77,6 +77,7 @@ def sparsegpt(weight: torch.Tensor, gram: torch.Tensor, pattern, *, blocksize: i
 
 @register("sparsegpt")
 class SparseGPTSolver(Solver):
+    weights = True
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, blocksize: int = 128,
               damping: float = 0.01, row_equal: bool = True) -> Solution:
