@@ -19,16 +19,21 @@ def feasible_masks(d: int, pattern) -> torch.Tensor:
     return torch.stack([torch.cat([group[i] for i in choice]) for choice in choices])
 
 
+def enumerable(problem: MaskProblem, limit: int, what: str) -> torch.Tensor:
+    """Every feasible keep-mask of the problem's rows [count, d], or a clear error when rows are too wide."""
+    if problem.d > limit:
+        raise ProblemError(f"{what} takes rows of at most {limit} inputs; this layer has {problem.d}")
+    return feasible_masks(problem.d, problem.pattern).to(problem.device)
+
+
 @register("bruteforce")
 class BruteForceSolver(Solver):
     exact = True
     gives_bound = True
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0) -> Solution:
-        if problem.d > MAX_D:
-            raise ProblemError(f"bruteforce enumerates every mask and takes rows of at most {MAX_D} inputs; "
-                               f"this layer has {problem.d}: use 'scip' or 'highs' for exact solutions")
-        candidates = feasible_masks(problem.d, problem.pattern).to(problem.device)
+        candidates = enumerable(problem, MAX_D, "bruteforce enumerates every mask (use 'scip' or 'highs' for "
+                                "wider rows) and")
         pruned = (~candidates).to(torch.float64)
         gram = problem.gram.to(torch.float64)
         best_masks, best_values = [], []
@@ -67,10 +72,7 @@ class BruteForceRefitSolver(Solver):
     weights = True
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0) -> Solution:
-        if problem.d > REFIT_MAX_D:
-            raise ProblemError(f"bruteforce_refit re-fits every mask and takes rows of at most {REFIT_MAX_D} "
-                               f"inputs; this layer has {problem.d}")
-        candidates = feasible_masks(problem.d, problem.pattern).to(problem.device)
+        candidates = enumerable(problem, REFIT_MAX_D, "bruteforce_refit re-fits every mask and")
         gram = problem.gram.to(torch.float64)
         masks, weights = [], []
         for w in problem.weight.to(torch.float64):
