@@ -172,13 +172,14 @@ def solve(problem: MaskProblem, solver: SolverSpec, *, warm_start: torch.Tensor 
     if time_limit is not None and not time_limit > 0:
         raise SolverError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     deadline = None if time_limit is None else time.monotonic() + time_limit
-    if isinstance(solver, (list, tuple)):
-        return _solve_chain(problem, list(solver), warm_start, deadline, seed, options)
+    chain = list(solver) if isinstance(solver, (list, tuple)) else [solver]
     if warm_start is not None and not isinstance(warm_start, torch.Tensor):
         if not _is_solver_spec(warm_start):
             raise ProblemError(f"warm start must be a torch.Tensor of dtype bool (True = keep) or a solver, "
                                f"got {type(warm_start).__name__}")
-        return _solve_chain(problem, [warm_start, solver], None, deadline, seed, options)
+        return _solve_chain(problem, [warm_start, *chain], None, deadline, seed, options)
+    if isinstance(solver, (list, tuple)):
+        return _solve_chain(problem, chain, warm_start, deadline, seed, options)
     if warm_start is not None:
         warm_start = problem.check_mask(warm_start, "warm start")
     return _solve_one(problem, solver, warm_start, time_limit, seed, options)

@@ -183,3 +183,10 @@ def test_exact_solvers_spend_the_budget_of_the_whole_call(name):
     assert result.termination == ss.Termination.TIME_LIMIT and result.status == ss.SolutionStatus.FEASIBLE
     assert "3 of 3 rows time limit" in result.message and torch.equal(result.mask, start)
     assert ss.solve(problem, name, row_time_limit=60).termination == ss.Termination.OPTIMAL
+
+
+def test_a_solver_as_warm_start_of_a_chain_runs_first():
+    problem, _ = make_problem("correlated", rows=3, d=12, seed=0, sparsity=0.5)
+    given = ss.solve(problem, ["swaps", "refit"], warm_start="wanda")
+    assert [stage["solver"] for stage in given.extra["chain"]] == ["wanda", "swaps", "refit"]
+    assert torch.equal(given.weight, ss.solve(problem, ["wanda", "swaps", "refit"]).weight)
