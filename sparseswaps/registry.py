@@ -134,16 +134,14 @@ def solver_status() -> list[dict]:
 def get_solver(name: str) -> Solver:
     if name in BUILTIN_SOLVERS:
         _import_builtin(name)          # only this backend's module: one broken backend breaks nothing else
-        classes = dict(_REGISTRY)
     else:
-        classes = solver_classes()
+        _load_all()
     if name in _BROKEN:
         raise SolverError(f"solver {name!r} is not available here: {_BROKEN[name]}")
-    if name not in classes:
-        classes = solver_classes()
-        raise SolverError(f"unknown solver {name!r}. Registered: {', '.join(classes)}. "
+    if name not in _REGISTRY:
+        raise SolverError(f"unknown solver {name!r}. Registered: {', '.join(solver_classes())}. "
                           f"Third-party solvers register through the entry-point group {ENTRY_POINT_GROUP!r}.")
-    solver = classes[name]()
+    solver = _REGISTRY[name]()
     ok, why = solver.available()
     if not ok:
         usable = ", ".join(available_solvers())
@@ -205,9 +203,6 @@ def _solve_chain(problem, stages, warm_start, deadline, seed, options) -> SolveR
         if isinstance(stage, (list, tuple)):
             result = _solve_chain(problem, list(stage), current, deadline, seed, stage_options)
         else:
-            if current is not None and not isinstance(current, torch.Tensor):
-                raise ProblemError(f"warm start must be a torch.Tensor of dtype bool (True = keep) or a solver, "
-                                   f"got {type(current).__name__}")
             start = None if current is None else problem.check_mask(current, "warm start")
             result = _solve_one(problem, stage, start, None if remaining is None else max(remaining, 1e-3), seed,
                                 stage_options)
