@@ -138,6 +138,12 @@ class GramAccumulator:
         self.tokens += x.shape[0]
         self.samples += 1
 
+    @classmethod
+    def of(cls, gram: torch.Tensor, total: torch.Tensor, tokens: int, samples: int) -> "GramAccumulator":
+        statistics = cls.__new__(cls)
+        statistics.gram, statistics.total, statistics.tokens, statistics.samples = gram, total, tokens, samples
+        return statistics
+
     @property
     def mean(self) -> torch.Tensor:
         return self.total / max(self.tokens, 1)
@@ -246,3 +252,21 @@ def gram_groups(block: nn.Module, layers: dict[str, nn.Linear], hidden: list[tor
             handle.remove()
     return [InputGroup(names, shared.accumulators[owner]) for owner, names in shared.groups().items()]
 
+
+
+def merge_chunks(chunks: list[list[InputGroup]], ranks) -> list[InputGroup]:
+    """One statistics set per input group from the per-chunk ones of every rank, summed chunk after chunk in
+    order (`distributed.Ranks.fold_in_order`), so the sum's rounding does not depend on which process
+    computed which chunk. A single process's single chunk is returned as it is."""
+    if len(chunks) == 1 and not ranks.distributed:
+        return chunks[0]
+    merged = []
+    for index, group in enumerate(chunks[0]):
+        if any(chunk[index].names != group.names for chunk in chunks):
+            raise UserError(f"layers {group.names} shared their input differently between calibration windows")
+        parts = [chunk[index].statistics for chunk in chunks]
+        counts = ranks.fold_in_order([torch.tensor([part.tokens, part.samples]) for part in parts])
+        merged.append(InputGroup(group.names, GramAccumulator.of(
+            ranks.fold_in_order([part.gram for part in parts]), ranks.fold_in_order([part.total for part in parts]),
+            int(counts[0]), int(counts[1]))))
+    return merged

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("RANK", "0") != "0":   # under torchrun, one progress display (rank 0's) is enough
+        os.environ.setdefault("TQDM_DISABLE", "1")
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[2:] if argv is None else argv[1:])   # recorded in outputs
     try:

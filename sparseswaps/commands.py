@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
+from .distributed import DEFAULT_TIMEOUT_S
 from .errors import UserError
 from .registry import parse_option_values
 
@@ -56,11 +58,19 @@ def add_prune(commands) -> None:
     parser.add_argument("--out", type=Path, help="result JSON (a PNG plot is written beside it)")
     parser.add_argument("--save", type=Path, help="write the pruned model (save_pretrained) and its masks here")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    parser.add_argument("--shards", type=int,
+                        help="cut the calibration windows and every layer's rows into this many pieces, summed and "
+                             "solved in order; the result depends on it, not on the number of ranks (default: the "
+                             "number of ranks under torchrun, else 1)")
+    parser.add_argument("--collective-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="under torchrun: how long a rank waits for the others at a collective before failing "
+                             f"(default {DEFAULT_TIMEOUT_S:.0f}; it waits there for the slowest rank's solve)")
     parser.set_defaults(run=run_prune)
 
 
 def run_prune(args) -> int:
-    from .config import PruneConfig
+    from .config import PruneConfig, resolve_device
+    from .distributed import join
     from .pipeline import prune_model
 
     # --sparsity defaults to 0.5; PruneConfig drops it when --pattern is given (the two are exclusive).
@@ -73,8 +83,14 @@ def run_prune(args) -> int:
                          solver_options=parse_option_values(args.solver_option or [], "--solver-option"),
                          bos_per_window=args.bos_per_window, zero_shot=args.zero_shot or (),
                          zero_shot_limit=args.zero_shot_limit, warm_start_baseline=args.warm_start_baseline)
-    results = prune_model(config, args.out, args.save, resume=args.resume)
-    print(summary_table(results))
+    ranks = join(resolve_device(args.device), args.collective_timeout)
+    try:
+        config = dataclasses.replace(config, shards=args.shards or ranks.world)
+        results = prune_model(config, args.out, args.save, resume=args.resume, ranks=ranks)
+    finally:
+        ranks.leave()
+    if results is not None:
+        print(summary_table(results))
     return 0
 
 

@@ -48,6 +48,7 @@ class PruneConfig:
     zero_shot: tuple[str, ...] = ()        # lm-eval tasks evaluated on the pruned model
     zero_shot_limit: int | None = None     # items per task (plumbing checks only; reported runs use None)
     warm_start_baseline: bool | None = None   # also prune with the warm start alone and evaluate that model
+    shards: int = 1                        # calibration chunks and row slices; ranks divide it (distributed)
 
     def resolved(self) -> "PruneConfig":
         """Fill protocol defaults and validate everything that can be checked before loading a model."""

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .data import Windows, evaluation_windows
+from .errors import UserError
 
 
 def window_losses(model, input_ids: torch.Tensor, device, desc: str = "perplexity") -> torch.Tensor:
@@ -29,15 +30,28 @@ def perplexity(model, windows: Windows, device) -> dict:
 
 
 def streaming_perplexities(lazy, corpora, seqlen: int, device, *, bos_per_window: bool,
-                           max_windows: int | None = None, overrides=None, desc: str = "evaluating") -> dict:
+                           max_windows: int | None = None, overrides=None, desc: str = "evaluating",
+                           ranks=None) -> dict:
     """Perplexity of each corpus with one block in memory at a time: every corpus's windows go through block i
     before block i + 1 is read, as SparseGPT's evaluation does, so a model larger than the GPU is evaluated
-    on it. `overrides(i)` gives block i's replaced tensors (the pruned weights), or None."""
+    on it. `overrides(i)` gives block i's replaced tensors (the pruned weights), or None. Under torchrun
+    (`ranks`) each rank evaluates a contiguous share of the windows and the per-window losses are gathered:
+    a window's loss does not depend on the others, so the perplexity is the single process's."""
+    from .distributed import SINGLE, shard_bounds
+
     if not corpora:
         return {}
+    ranks = ranks or SINGLE
     windows = [evaluation_windows(name, lazy.tokenizer, seqlen, bos_per_window=bos_per_window,
                                   max_windows=max_windows) for name in corpora]
-    losses = streaming_losses(lazy, torch.cat([w.input_ids for w in windows]), device, overrides, desc)
+    input_ids = torch.cat([w.input_ids for w in windows])
+    if len(input_ids) < ranks.world:
+        raise UserError(f"{len(input_ids)} evaluation windows cannot be shared by {ranks.world} ranks: evaluate "
+                        "more windows (--eval-windows) or start fewer ranks")
+    shares = shard_bounds(len(input_ids), ranks.world)
+    own = shares[ranks.rank]
+    losses = ranks.gather_rows(streaming_losses(lazy, input_ids[own.start:own.stop], device, overrides, desc),
+                               [len(share) for share in shares])
     results, start = {}, 0
     for name, corpus in zip(corpora, windows):
         count = len(corpus.input_ids)

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import (activation_device, capture_block_inputs, gram_groups, run_block, target_linears)
+from .calibration import (activation_device, capture_block_inputs, gram_groups, merge_chunks, run_block,
+                          target_linears)
 from .checkpoint import DiskStore, MemoryStore, write_json_atomic
 from .config import DTYPES, PruneConfig
 from .data import calibration_windows
+from .distributed import SINGLE, Ranks, check_shards, shard_bounds, shared
 from .errors import UserError
 from .evaluate import streaming_perplexities
 from .models import LazyModel, needs_bos_per_window, open_model
@@ -34,8 +36,9 @@ from .zeroshot import zero_shot
 
 def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None = None, *, resume: bool = False,
                 checkpoint: Path | None = None, stop_after_block: int | None = None,
-                dense_cache: dict | None = None, checkpointing: bool = True) -> dict:
-    """Run the whole pipeline and return the result dictionary (also written to `out` when given).
+                dense_cache: dict | None = None, checkpointing: bool = True, ranks: Ranks = SINGLE) -> dict | None:
+    """Run the whole pipeline and return the result dictionary (also written to `out` when given); under
+    torchrun every rank calls it, rank 0 writes the outputs and returns the results, the others None.
 
     `stop_after_block` stops after that block's commit (used to test resumption). `dense_cache` lets a
     caller running several configurations on one model evaluate the dense model once. Without
@@ -43,27 +46,38 @@ def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None 
     not resumable).
     """
     config = config.resolved()
+    check_shards(config.shards, ranks, config.nsamples)
     checkpoint = checkpoint or _default_checkpoint(out, save)
-    _check_outputs(out, save)
-    lazy = open_model(config.model, DTYPES[config.dtype], config.tokenizer)
+    if ranks.main:
+        _check_outputs(out, save)
+    with ranks.main_first():     # a GGUF file is converted once, into the cache the other ranks then read
+        lazy = open_model(config.model, DTYPES[config.dtype], config.tokenizer)
     bos = needs_bos_per_window(lazy.model) if config.bos_per_window == "auto" else config.bos_per_window == "yes"
     _check_prunable(lazy)
     _check_seqlen_fits(lazy.model, config.seqlen)
-    store = DiskStore.open(checkpoint, config.fingerprint(), resume) if checkpointing else MemoryStore()
-    device = torch.device(config.device)
+    local = None
+    if ranks.main:
+        local = DiskStore.open(checkpoint, config.fingerprint(), resume) if checkpointing else MemoryStore()
+    store = shared(local, ranks)
+    device = ranks.device(config.device)
     reset_peaks(device)
 
-    perplexity = {"dense": _dense_perplexities(lazy, config, device, bos, store, dense_cache)}
+    perplexity = {"dense": _dense_perplexities(lazy, config, device, bos, store, dense_cache, ranks)}
     samples = calibration_windows(lazy.tokenizer, config.nsamples, config.seqlen, config.seed, bos_per_window=bos)
+    own = _own_samples(samples.input_ids, config.shards, ranks)
     if config.warm_start_baseline:
-        perplexity["warm_start"] = _warm_start_perplexities(lazy, config, device, bos, samples.input_ids, store)
+        perplexity["warm_start"] = _warm_start_perplexities(lazy, config, device, bos, own, store, ranks)
     started = time.perf_counter()
-    timings = _prune_blocks(lazy, store, config, device, samples.input_ids, "pruning blocks", stop_after_block)
+    timings = _prune_blocks(lazy, store, config, device, own, "pruning blocks", stop_after_block, ranks)
     pruning_seconds = time.perf_counter() - started
     perplexity["pruned"] = streaming_perplexities(lazy, config.eval, config.seqlen, device, bos_per_window=bos,
                                                   max_windows=config.eval_windows, overrides=store.overrides,
-                                                  desc="evaluating the pruned model")
+                                                  desc="evaluating the pruned model", ranks=ranks)
+    if not ranks.main:
+        return None
+    store = local
     results = results_report(config, lazy.info, store, samples.info, perplexity, pruning_seconds, timings, bos, device)
+    results["ranks"] = ranks.world
     if config.zero_shot:
         model = materialize_whole(lazy, _all_overrides(lazy, store), torch.device(device))
         results["zero_shot"] = zero_shot(model, lazy.tokenizer, config.zero_shot, device, limit=config.zero_shot_limit)
@@ -88,7 +102,20 @@ def _check_seqlen_fits(model, seqlen: int) -> None:
         raise UserError(f"--seqlen {seqlen} exceeds the model's {limit} positions: choose --seqlen {limit} or less")
 
 
-def _dense_perplexities(lazy, config, device, bos, store, dense_cache) -> dict:
+@dataclasses.dataclass
+class OwnSamples:
+    """This rank's calibration windows and its shards' boundaries inside them."""
+    input_ids: torch.Tensor
+    chunks: list[range]
+
+
+def _own_samples(input_ids: torch.Tensor, shards: int, ranks: Ranks) -> OwnSamples:
+    bounds = [shard_bounds(len(input_ids), shards)[shard] for shard in ranks.own_shards(shards)]
+    first = bounds[0].start
+    return OwnSamples(input_ids[first:bounds[-1].stop], [range(b.start - first, b.stop - first) for b in bounds])
+
+
+def _dense_perplexities(lazy, config, device, bos, store, dense_cache, ranks) -> dict:
     """Measured once per (model, windows): from the checkpoint, the caller's cache, or a streaming pass."""
     if "dense" in store.saved:
         return store.saved["dense"]
@@ -97,35 +124,37 @@ def _dense_perplexities(lazy, config, device, bos, store, dense_cache) -> dict:
     cache = dense_cache if dense_cache is not None else {}
     if key not in cache:
         cache[key] = streaming_perplexities(lazy, config.eval, config.seqlen, device, bos_per_window=bos,
-                                            max_windows=config.eval_windows, desc="evaluating the dense model")
+                                            max_windows=config.eval_windows, desc="evaluating the dense model",
+                                            ranks=ranks)
     store.save("dense", cache[key])
     return cache[key]
 
 
-def _warm_start_perplexities(lazy, config, device, bos, input_ids, store) -> dict:
+def _warm_start_perplexities(lazy, config, device, bos, own, store, ranks) -> dict:
     """The model pruned with the warm start alone (same calibration, same windows), kept in memory and
     evaluated: what the final solver adds is the difference to this."""
     if "warm_start" in store.saved:
         return store.saved["warm_start"]
     alone = dataclasses.replace(config, solver=config.warm_start, warm_start=None, solver_options={},
                                 update_weights=False)
-    memory = MemoryStore()
-    _prune_blocks(lazy, memory, alone, device, input_ids, f"pruning with {config.warm_start} alone")
+    memory = shared(MemoryStore() if ranks.main else None, ranks)
+    _prune_blocks(lazy, memory, alone, device, own, f"pruning with {config.warm_start} alone", ranks=ranks)
     perplexity = streaming_perplexities(lazy, config.eval, config.seqlen, device, bos_per_window=bos,
                                         max_windows=config.eval_windows, overrides=memory.overrides,
-                                        desc=f"evaluating {config.warm_start} alone")
+                                        desc=f"evaluating {config.warm_start} alone", ranks=ranks)
     store.save("warm_start", perplexity)
     return perplexity
 
 
-def _prune_blocks(lazy, store, config, device, input_ids, desc, stop_after_block=None) -> list[dict]:
+def _prune_blocks(lazy, store, config, device, own: OwnSamples, desc, stop_after_block=None,
+                  ranks: Ranks = SINGLE) -> list[dict]:
     """Prune every block not yet committed to `store`; this process's per-block stage times."""
-    hidden, kwargs = _calibration_inputs(lazy, input_ids, device)
+    hidden, kwargs = _calibration_inputs(lazy, own.input_ids, device)
     hidden = _replay_committed(lazy, store, hidden, kwargs, device)
     timings = []
     progress = tqdm(range(store.next_block, len(lazy.blocks)), desc=desc, unit="block")
     for index in progress:
-        hidden, timing = _prune_block(index, lazy, store, hidden, kwargs[index], config, device)
+        hidden, timing = _prune_block(index, lazy, store, hidden, kwargs[index], config, device, own.chunks, ranks)
         timings.append(timing)
         reductions = [row["reduction"] for record in store.records for row in record["layers"]
                       if row.get("reduction") is not None]
@@ -173,18 +202,20 @@ class _Stopwatch:
         self._last = now
 
 
-def _prune_block(index, lazy, store, hidden, kwargs, config, device) -> tuple[list, dict]:
+def _prune_block(index, lazy, store, hidden, kwargs, config, device, chunks, ranks) -> tuple[list, dict]:
     watch = _Stopwatch(device)
     lazy.load_block(index, device)
     block = lazy.blocks[index]
     layers = target_linears(block, f"{lazy.prefix}.{index}")
     watch.lap("load_s")
-    groups = gram_groups(block, layers, hidden, kwargs, device)
+    groups = merge_chunks([gram_groups(block, layers, hidden[c.start:c.stop], kwargs, device) for c in chunks],
+                          ranks)
     watch.lap("gram_s")
     rows, masks = [], {}
     for group in groups:
         weights = [layers[name].weight.data for name in group.names]
-        group_rows, group_masks, group_weights = prune_group(group.names, weights, group.statistics, config, device)
+        group_rows, group_masks, group_weights = prune_group(group.names, weights, group.statistics, config, device,
+                                                             ranks)
         for name, mask, weight in zip(group.names, group_masks, group_weights):
             layers[name].weight.data.copy_(weight.to(layers[name].weight.dtype))
             masks[name] = mask
@@ -201,10 +232,12 @@ def _prune_block(index, lazy, store, hidden, kwargs, config, device) -> tuple[li
     return hidden, {"block": index, **watch.laps}
 
 
-def prune_group(names, weights, statistics, config, device) -> tuple[list[dict], list, list]:
+def prune_group(names, weights, statistics, config, device, ranks: Ranks = SINGLE) -> tuple[list[dict], list, list]:
     """Solve the layers reading one input as one problem with their rows stacked (rows are independent, so
     this is the same as solving each alone), then split the result per layer: a pure function of
-    (W, G, pattern, solver settings). Returns the report rows, the masks and the new weights."""
+    (W, G, pattern, solver settings, shards). The rows are cut into `config.shards` slices solved one by one
+    (each rank its own, gathered after), so the result does not depend on the rank count. Returns the
+    report rows, the masks and the new weights."""
     stacked = torch.cat([weight.to(device=device, dtype=torch.float32) for weight in weights])
     try:
         problem = MaskProblem(stacked, statistics.gram.to(device), config.sparsity, config.pattern,
@@ -212,42 +245,76 @@ def prune_group(names, weights, statistics, config, device) -> tuple[list[dict],
                               num_samples=statistics.samples, name="+".join(names), check_psd=False)
     except ProblemError as error:
         raise UserError(f"layer {names[0]}: {error}") from None
-    chain = [config.warm_start, config.solver] if config.warm_start else [config.solver]
-    result = solve(problem, chain, **config.solver_options)   # on the problem's device
-    new_weight = result.weight if result.weight is not None else problem.weight * result.mask
-    reconstruction = result.row_weight_objective
-    if config.update_weights:
-        refitted = solve(problem, "refit", warm_start=result.mask)
-        new_weight, reconstruction = refitted.weight, refitted.row_weight_objective
-        result.runtime_s += refitted.runtime_s
-        chain = [*chain, "refit"]
-    dense_energy = problem.objective(torch.zeros_like(result.mask))
-    warm = result.extra.get("warm_start_row_objective")
-    swaps, converged = result.extra.get("swaps"), result.extra.get("converged")
-    rows, masks, new_weights, start = [], [], [], 0
+    slices = shard_bounds(problem.rows, config.shards)
+    if not slices[-1]:
+        raise UserError(f"layer {names[0]} has {problem.rows} rows, fewer than --shards {config.shards}")
+    parts = [_solve_rows(problem.subset(slice(s.start, s.stop)), config) for s in
+             (slices[shard] for shard in ranks.own_shards(config.shards))]
+    rows, meta = _gathered(parts, slices, ranks)
+    dense_energy = problem.objective(torch.zeros_like(rows["mask"]))
+    report, masks, new_weights, start = [], [], [], 0
     for name, weight in zip(names, weights):
         span = slice(start, start + weight.shape[0])
         start = span.stop
-        objective = float(result.row_objective[span].sum())
-        warm_objective = None if warm is None else float(warm[span].sum())
-        row = {"layer": name, "shape": list(weight.shape), "pattern": str(problem.pattern),
-               "solver": "+".join(chain), "objective": objective,
-               "relative_error": objective / float(dense_energy[span].sum()),
-               "warm_start_objective": warm_objective,
-               "reduction": None if not warm_objective else 1 - objective / warm_objective,
-               "swaps": None if swaps is None else int(swaps[span].sum()),
-               "rows_converged": None if converged is None else int(converged[span].sum()),
-               "termination": result.termination.value,
-               "time_s": result.runtime_s * weight.shape[0] / problem.rows,
-               "shares_input_with": [other for other in names if other != name]}
-        if reconstruction is not None:
-            row["reconstruction_error"] = float(reconstruction[span].sum())
-        if "dtype" in result.extra:
-            row["scan_dtype"] = result.extra["dtype"]
-        rows.append(row)
-        masks.append(result.mask[span])
-        new_weights.append(new_weight[span])
-    return rows, masks, new_weights
+        report.append(_report_row(name, weight, names, problem, rows, meta, span, dense_energy))
+        masks.append(rows["mask"][span])
+        new_weights.append(rows["weight"][span])
+    return report, masks, new_weights
+
+
+def _solve_rows(problem: MaskProblem, config) -> tuple[dict, dict]:
+    """One slice of rows through the chain (and the re-fit): per-row tensors, and what describes the solve."""
+    chain = [config.warm_start, config.solver] if config.warm_start else [config.solver]
+    result = solve(problem, chain, **config.solver_options)   # on the problem's device
+    rows = {"mask": result.mask,
+            "weight": result.weight if result.weight is not None else problem.weight * result.mask,
+            "objective": result.row_objective, "reconstruction": result.row_weight_objective,
+            "warm": result.extra.get("warm_start_row_objective"), "swaps": result.extra.get("swaps"),
+            "converged": result.extra.get("converged")}
+    runtime = result.runtime_s
+    if config.update_weights:
+        refitted = solve(problem, "refit", warm_start=result.mask)
+        rows["weight"], rows["reconstruction"] = refitted.weight, refitted.row_weight_objective
+        runtime += refitted.runtime_s
+        chain = [*chain, "refit"]
+    meta = {"chain": chain, "termination": result.termination.value, "runtime_s": runtime,
+            "scan_dtype": result.extra.get("dtype")}
+    return {key: value for key, value in rows.items() if value is not None}, meta
+
+
+def _gathered(parts: list[tuple[dict, dict]], slices: list[range], ranks: Ranks) -> tuple[dict, dict]:
+    """Every slice's rows in order, on every rank, and the solves' description (terminations in order of
+    first appearance, runtimes summed)."""
+    metas = [meta for part in ranks.gather_json([meta for _, meta in parts]) for meta in part]
+    keys = sorted(parts[0][0])
+    counts = [sum(len(slices[s]) for s in Ranks(rank, ranks.world).own_shards(len(slices)))
+              for rank in range(ranks.world)]
+    rows = {key: ranks.gather_rows(torch.cat([part[key].to(parts[0][0][key].device) for part, _ in parts]), counts)
+            for key in keys}
+    meta = {"chain": metas[0]["chain"], "runtime_s": sum(m["runtime_s"] for m in metas),
+            "termination": ",".join(dict.fromkeys(m["termination"] for m in metas)),
+            "scan_dtype": metas[0]["scan_dtype"]}
+    return rows, meta
+
+
+def _report_row(name, weight, names, problem, rows, meta, span, dense_energy) -> dict:
+    objective = float(rows["objective"][span].sum())
+    warm_objective = float(rows["warm"][span].sum()) if "warm" in rows else None
+    row = {"layer": name, "shape": list(weight.shape), "pattern": str(problem.pattern),
+           "solver": "+".join(meta["chain"]), "objective": objective,
+           "relative_error": objective / float(dense_energy[span].sum()),
+           "warm_start_objective": warm_objective,
+           "reduction": None if not warm_objective else 1 - objective / warm_objective,
+           "swaps": int(rows["swaps"][span].sum()) if "swaps" in rows else None,
+           "rows_converged": int(rows["converged"][span].sum()) if "converged" in rows else None,
+           "termination": meta["termination"],
+           "time_s": meta["runtime_s"] * weight.shape[0] / problem.rows,
+           "shares_input_with": [other for other in names if other != name]}
+    if "reconstruction" in rows:
+        row["reconstruction_error"] = float(rows["reconstruction"][span].sum())
+    if meta["scan_dtype"] is not None:
+        row["scan_dtype"] = meta["scan_dtype"]
+    return row
 
 
 def _all_overrides(lazy: LazyModel, store) -> dict:
