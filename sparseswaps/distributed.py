@@ -33,20 +33,18 @@ DEFAULT_TIMEOUT_S = 4 * 3600
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place among the ranks; `world == 1` is an ordinary single-process run."""
+    """This process's place among the ranks. `SINGLE` is an ordinary process; a process torchrun started
+    is `distributed` even alone (one rank then runs every collective, as a check of that path)."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     comm_device: torch.device = torch.device("cpu")   # where tensors go through the collectives
+    distributed: bool = False
 
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
 
     def device(self, configured: str) -> torch.device:
         """The compute device of this rank: its own GPU when the run uses CUDA."""
@@ -162,9 +160,9 @@ def launched_by_torchrun() -> bool:
 
 def join(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
     """Join the process group torchrun set up (NCCL for CUDA, gloo otherwise); SINGLE outside torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if not launched_by_torchrun():
         return SINGLE
+    world = int(os.environ["WORLD_SIZE"])
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.device(device).type == "cuda"
     if cuda:
@@ -175,7 +173,7 @@ def join(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
     torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
                                          **({"device_id": torch.device("cuda", local_rank)} if cuda else {}))
     comm = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return Ranks(rank, world, local_rank, comm)
+    return Ranks(rank, world, local_rank, comm, distributed=True)
 
 
 def check_shards(shards: int, ranks: Ranks, nsamples: int) -> None:

@@ -31,19 +31,20 @@ def model(tmp_path_factory):
     return save_sharded(tmp_path_factory.mktemp("distributed") / "llama")
 
 
-def test_two_gloo_ranks_give_what_one_process_gives(model, tmp_path):
+@pytest.mark.parametrize("ranks", [2, 1])
+def test_gloo_ranks_give_what_one_process_gives(model, tmp_path, ranks):
     single = tmp_path / "single"
-    assert cli.main(["prune", "--model", str(model), *ARGS, "--shards", "2", "--out", str(single / "r.json"),
+    assert cli.main(["prune", "--model", str(model), *ARGS, "--shards", str(ranks), "--out", str(single / "r.json"),
                      "--save", str(single / "model")]) == 0
     ranked = tmp_path / "ranked"
-    run = torchrun(2, "prune", "--model", str(model), *ARGS, "--out", str(ranked / "r.json"),
+    run = torchrun(ranks, "prune", "--model", str(model), *ARGS, "--out", str(ranked / "r.json"),
                    "--save", str(ranked / "model"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_folders(single / "model", ranked / "model")
     one, two = (json.loads((folder / "r.json").read_text()) for folder in (single, ranked))
     assert one["perplexity"] == two["perplexity"]
     assert [row["objective"] for row in one["layers"]] == [row["objective"] for row in two["layers"]]
-    assert one["config"]["shards"] == two["config"]["shards"] == 2 and two["ranks"] == 2
+    assert one["config"]["shards"] == two["config"]["shards"] == ranks and two["ranks"] == ranks
     assert not (ranked / "r.json.checkpoint").exists()
 
 
