@@ -87,11 +87,19 @@ def build_random_model(shape: str, blocks: int, folder: Path, tokenizer: Path, d
     return folder
 
 
-def run_method(model: Path, method: str, args, work: Path) -> dict:
+def launcher(ranks: int) -> list[str]:
+    """A plain process (ranks 0), or torchrun with that many ranks on this node (one GPU each)."""
+    if ranks == 0:
+        return [sys.executable, "-m", "sparseswaps"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+            "-m", "sparseswaps"]
+
+
+def run_method(model: Path, method: str, args, work: Path, ranks: int = 0) -> dict:
     out = work / f"{model.name}-{method.replace('+', '_')}.json"
     if out.exists():
         out.unlink()
-    command = [sys.executable, "-m", "sparseswaps", "prune", "--model", str(model), *METHODS[method],
+    command = [*launcher(ranks), "prune", "--model", str(model), *METHODS[method],
                "--protocol", args.protocol, "--eval", args.eval, "--eval-windows", str(args.eval_windows),
                "--out", str(out), *sum((["--solver-option", o] for o in args.solver_option
                                         if method.endswith("swaps")), [])]
@@ -103,7 +111,7 @@ def run_method(model: Path, method: str, args, work: Path) -> dict:
     report = json.loads(out.read_text())
     out.unlink()
     out.with_suffix(".png").unlink(missing_ok=True)
-    return summarise(report, method, wall)
+    return {**summarise(report, method, wall), "ranks": ranks}
 
 
 def summarise(report: dict, method: str, wall: float) -> dict:
@@ -134,17 +142,18 @@ def swap_setting(options: dict) -> str:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| model shape | blocks | method | pruning s | outside solver | load | Gram | solve | propagate | "
-             "checkpoint | peak host GiB | peak GPU GiB | 3 blocks + activations GiB | scan dtype |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| model shape | blocks | method | ranks | pruning s | scaling efficiency | outside solver | load | Gram | "
+             "solve | propagate | checkpoint | peak host GiB | peak GPU GiB (rank 0) | 3 blocks + activations GiB | "
+             "scan dtype |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for run in runs:
         stage = run["stage_seconds"]
         gpu = "-" if run["peak_gpu_gib"] is None else f"{run['peak_gpu_gib']:.1f}"
         bound = 3 * run["sizes"]["block_gib"] + run["sizes"]["calibration_activations_gib"]
         method = run["method"] + (swap_setting(run["config"]["solver_options"]) if run["method"].endswith("swaps")
                                   else "")
-        lines.append(f"| {run['model_shape']} | {run['blocks']} | {method} | {run['pruning_seconds']:.1f} | "
-                     f"{run['outside_solver_share']:.0%} | {stage['load_s']:.1f} | {stage['gram_s']:.1f} | "
+        lines.append(f"| {run['model_shape']} | {run['blocks']} | {method} | {ranks_label(run)} | "
+                     f"{run['pruning_seconds']:.1f} | {efficiency(run, runs)} | {run['outside_solver_share']:.0%} | {stage['load_s']:.1f} | {stage['gram_s']:.1f} | "
                      f"{stage['solve_s']:.1f} | {stage['propagate_s']:.1f} | {stage['checkpoint_s']:.1f} | "
                      f"{run['peak_host_gib']:.1f} | {gpu} | {bound:.1f} | {','.join(run['scan_dtypes']) or '-'} |")
     extrapolated = [r for r in runs if r["blocks"] < SHAPES[r["model_shape"]]["full_blocks"]]
@@ -155,8 +164,26 @@ def table(runs: list[dict]) -> str:
             lines.append(f"- {run['model_shape']} {run['method']}: {run['blocks']} of {full} blocks measured; whole "
                          f"model extrapolated to {run['pruning_seconds'] * full / run['blocks'] / 60:.1f} min "
                          "(block loop scaled, not measured).")
-    lines.append("\nRandom weights: perplexities are meaningless and not shown; time and memory are the point.")
+    lines.append("\nRandom weights: perplexities are meaningless and not shown; time and memory are the point. "
+                 "Ranks: 'process' is a plain process, N is torchrun with N ranks (one GPU each); scaling efficiency "
+                 "is the 1-rank time over N times the N-rank time, same shape, blocks and method.")
     return "\n".join(lines)
+
+
+def ranks_label(run: dict) -> str:
+    return str(run.get("ranks") or "process")
+
+
+def efficiency(run: dict, runs: list[dict]) -> str:
+    ranks = run.get("ranks", 0)
+    one = [r for r in runs if r.get("ranks") == 1 and same_setting(r, run)]
+    if ranks < 2 or not one:
+        return "-"
+    return f"{one[0]['pruning_seconds'] / (ranks * run['pruning_seconds']):.0%}"
+
+
+def same_setting(a: dict, b: dict) -> bool:
+    return (a["model_shape"], a["blocks"], a["method"]) == (b["model_shape"], b["blocks"], b["method"])
 
 
 def main() -> None:
@@ -173,6 +200,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=0)
     parser.add_argument("--solver-option", action="append", default=[], help="for the swaps runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ranks", default="0", help="comma-separated torchrun rank counts to run each method "
+                                                     "with, 0 for a plain process (default 0)")
     args = parser.parse_args()
     blocks = args.blocks or SHAPES[args.shape]["full_blocks"]
     store = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
@@ -182,15 +211,14 @@ def main() -> None:
     from sparseswaps.config import PROTOCOLS
 
     preset = PROTOCOLS[args.protocol]
-    for method in args.methods.split(","):
-        run = run_method(model, method, args, args.work)
+    for method, ranks in [(m, int(r)) for m in args.methods.split(",") for r in args.ranks.split(",")]:
+        run = run_method(model, method, args, args.work, ranks)
         run.update(model_shape=args.shape, sizes=sizes(args.shape, blocks, args.nsamples or preset["nsamples"],
                                                        preset["seqlen"]))
-        store["runs"] = [r for r in store["runs"] if (r["model_shape"], r["method"], r["blocks"]) !=
-                         (args.shape, method, run["blocks"])] + [run]
+        store["runs"] = [r for r in store["runs"] if not (same_setting(r, run) and r.get("ranks", 0) == ranks)] + [run]
         args.out.write_text(json.dumps(store, indent=1))
         args.out.with_suffix(".md").write_text(table(store["runs"]) + "\n")
-        print(f"{args.shape} {method}: {run['pruning_seconds']:.1f} s pruning, peak host {run['peak_host_gib']:.1f} "
+        print(f"{args.shape} {method} ranks {ranks_label(run)}: {run['pruning_seconds']:.1f} s pruning, peak host {run['peak_host_gib']:.1f} "
               f"GiB", flush=True)
     print(table(store["runs"]))
 

@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if os.environ.get("RANK", "0") != "0":   # under torchrun, one progress display (rank 0's) is enough
-        os.environ.setdefault("TQDM_DISABLE", "1")
+    if os.environ.get("RANK", "0") != "0":
+        _hide_progress()
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[2:] if argv is None else argv[1:])   # recorded in outputs
     try:
@@ -44,6 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as error:
         print(f"sparseswaps {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _hide_progress() -> None:
+    """Under torchrun one progress display (rank 0's) is enough. tqdm is already imported (torch imports it),
+    so its TQDM_DISABLE variable comes too late: the default is changed instead."""
+    from functools import partialmethod
+
+    from tqdm import tqdm
+
+    tqdm.__init__ = partialmethod(tqdm.__init__, disable=True)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

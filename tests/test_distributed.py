@@ -102,3 +102,18 @@ def test_one_process_folds_in_list_order():
     parts = [torch.tensor([1e16]), torch.tensor([1.0]), torch.tensor([-1e16])]
     assert SINGLE.fold_in_order(parts).item() == (1e16 + 1.0) - 1e16
     assert SINGLE.gather_rows(parts[1], [1]) is parts[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_nccl_rank_gives_what_one_process_gives(model, tmp_path):
+    """One GPU lends one NCCL rank: every collective then runs on CUDA tensors, with one process's result."""
+    single, ranked = tmp_path / "single", tmp_path / "ranked"
+    assert cli.main(["prune", "--model", str(model), *ARGS, "--device", "cuda", "--out", str(single / "r.json"),
+                     "--save", str(single / "model")]) == 0
+    run = torchrun(1, "prune", "--model", str(model), *ARGS, "--device", "cuda", "--out", str(ranked / "r.json"),
+                   "--save", str(ranked / "model"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_folders(single / "model", ranked / "model")
+    one, two = (json.loads((folder / "r.json").read_text()) for folder in (single, ranked))
+    assert one["perplexity"] == two["perplexity"] and two["ranks"] == 1
