@@ -18,9 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparseswaps.pipeline import PruneConfig, prune_model  # noqa: E402
 
-# name -> (warm start, solver): what each method means as a solver chain.
+# name -> (warm start, solver[, re-fit the kept weights after]): what each method means as a solver chain.
 METHODS = {"magnitude": (None, "magnitude"), "wanda": (None, "wanda"), "sparsegpt": (None, "sparsegpt"),
-           "ria": (None, "ria"), "dsnot": ("wanda", "dsnot"), "wanda+swaps": ("wanda", "swaps")}
+           "ria": (None, "ria"), "dsnot": ("wanda", "dsnot"), "admm": (None, "admm"),
+           "wanda+swaps": ("wanda", "swaps"), "sparsegpt+refit": (None, "sparsegpt", True),
+           "wanda+swaps+refit": ("wanda", "swaps", True)}
 
 
 def target_fields(target: str) -> dict:
@@ -159,9 +161,9 @@ def main() -> None:
         for method in args.methods.split(","):
             if (method, target) in done:
                 continue
-            warm, solver = METHODS[method]
+            warm, solver, *refit = METHODS[method]
             config = PruneConfig(model=args.model, tokenizer=args.tokenizer, solver=solver, warm_start=warm,
-                                 protocol=args.protocol, **target_fields(target))
+                                 protocol=args.protocol, update_weights=bool(refit), **target_fields(target))
             started = time.perf_counter()
             result = prune_model(config, dense_cache=dense_cache, checkpointing=False)
             result.update(method=method, target=target, wall_s=time.perf_counter() - started)

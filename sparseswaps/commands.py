@@ -283,6 +283,10 @@ def add_gaps(commands) -> None:
     parser.add_argument("--pattern", type=_csv, default=("2:4",), help="N:M patterns ('' for none)")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per row for exact solvers")
     parser.add_argument("--out", type=Path, required=True, help="results folder (gaps.jsonl, gaps.md, plots)")
+    parser.add_argument("--executor", default="process", choices=["process", "ray"],
+                        help="where the exact solvers' row solves run: a process pool here (default; its size is "
+                             "the solver option workers=N), or Ray tasks on the cluster RAY_ADDRESS names (a local "
+                             "Ray without it; needs the ray extra)")
     parser.set_defaults(run=run_gaps_command)
 
 
@@ -295,7 +299,7 @@ def run_gaps_command(args) -> int:
     targets = [f"{float(s):.0%}" for s in args.sparsity] + list(args.pattern)
     jsonl = args.out / "gaps.jsonl"
     provenance = {"environment": environment(), "command": "sparseswaps gaps " + " ".join(args.argv)}
-    ran = run_gaps(instances, list(args.solvers), targets, args.time_limit, jsonl, provenance)
+    ran = run_gaps(instances, list(args.solvers), targets, args.time_limit, jsonl, provenance, args.executor)
     save_optima(read_jsonl(jsonl), args.instances)
     print(write_report(jsonl, args.out))
     print(f"{ran} new runs; results in {args.out}")

@@ -31,8 +31,9 @@ def parse_spec(spec: str) -> tuple[str, dict, int | None]:
 
 
 def run_gaps(instances: list[Instance], specs: list[str], targets: list[str], time_limit: float | None,
-             jsonl: Path, environment: dict) -> int:
-    """Append one line per (instance, target, solver spec) not yet in `jsonl`; returns how many ran."""
+             jsonl: Path, environment: dict, executor: str = "process") -> int:
+    """Append one line per (instance, target, solver spec) not yet in `jsonl`; returns how many ran. The
+    exact solvers' rows run on `executor` (a process pool, or Ray): the records do not depend on it."""
     parsed = {spec: parse_spec(spec) for spec in specs}
     done = {(r["instance"], r["target"], r["solver"]) for r in read_jsonl(jsonl, repair=True)}
     todo = [(inst, target, spec) for inst in instances for target in targets for spec in specs
@@ -41,7 +42,7 @@ def run_gaps(instances: list[Instance], specs: list[str], targets: list[str], ti
     for inst, target, spec in tqdm(todo, desc="gaps", unit="run"):
         name, options, _ = parsed[spec]
         problem = inst.problem(target)
-        result = solve(problem, name, **_time_options(name, time_limit), **options)
+        result = solve(problem, name, **_time_options(name, time_limit), **_executor_option(name, executor), **options)
         record = {"instance": inst.name, "kind": inst.meta["kind"], "family": inst.meta.get("family"),
                   "layer": inst.meta.get("layer"), "d": inst.d, "rows": problem.rows, "target": target,
                   "solver": spec, "termination": result.termination.value,
@@ -53,6 +54,15 @@ def run_gaps(instances: list[Instance], specs: list[str], targets: list[str], ti
         with open(jsonl, "a") as handle:   # one complete line per run: an interruption loses at most one
             handle.write(json.dumps(record) + "\n")
     return len(todo)
+
+
+def _executor_option(name: str, executor: str) -> dict:
+    """Solvers that spread rows over workers take the executor; the others run in this process."""
+    import inspect
+
+    if executor == "process" or "executor" not in inspect.signature(get_solver(name).solve).parameters:
+        return {}
+    return {"executor": executor}
 
 
 def _time_options(name: str, time_limit: float | None) -> dict:

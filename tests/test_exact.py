@@ -46,3 +46,19 @@ def test_rows_in_a_process_pool_match_serial():
     pooled = ss.solve(problem, "scip", workers=2)
     assert torch.equal(serial.mask, pooled.mask)
     torch.testing.assert_close(serial.row_bound, pooled.row_bound)
+
+
+@pytest.mark.parametrize("name", ["scip", "highs"])
+def test_rows_on_a_local_ray_match_the_process_pool(name):
+    pytest.importorskip("ray")
+    problem, _ = make_problem("correlated", rows=4, d=16, seed=9, sparsity=0.6)
+    pooled = ss.solve(problem, name, workers=2)
+    on_ray = ss.solve(problem, name, executor="ray")
+    assert torch.equal(pooled.mask, on_ray.mask) and torch.equal(pooled.row_bound, on_ray.row_bound)
+    assert on_ray.extra["row_status"] == pooled.extra["row_status"]
+
+
+def test_an_unknown_executor_is_refused():
+    problem, _ = make_problem("correlated", rows=2, d=12, seed=1, sparsity=0.5)
+    with pytest.raises(ss.SolverError, match="executor must be one of process, ray"):
+        ss.solve(problem, "scip", executor="dask")

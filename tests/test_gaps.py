@@ -61,3 +61,20 @@ def test_a_torn_last_line_is_dropped_and_cut_before_the_next_append(tmp_path):
     path.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
     with pytest.raises(UserError, match="line 2 is not JSON"):
         read_jsonl(path)
+
+
+def test_gaps_on_a_local_ray_record_what_the_process_pool_records(tmp_path):
+    import pytest
+
+    pytest.importorskip("ray")
+    instances = tmp_path / "inst"
+    assert cli.main(["extract", "--synthetic", "iid", "--widths", "12", "--rows", "3", "--out", str(instances)]) == 0
+    runs = {}
+    for executor in ("process", "ray"):
+        out = tmp_path / executor
+        assert cli.main(["gaps", "--instances", str(instances), "--solvers", "scip:workers=2,highs:workers=2",
+                         "--sparsity", "0.6", "--pattern", "", "--time-limit", "30", "--executor", executor,
+                         "--out", str(out)]) == 0
+        runs[executor] = [(r["solver"], r["row_objective"], r["row_bound"], r["row_status"])
+                          for r in read_jsonl(out / "gaps.jsonl")]
+    assert runs["process"] == runs["ray"] and len(runs["ray"]) == 2

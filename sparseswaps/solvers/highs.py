@@ -185,12 +185,12 @@ class HighsSolver(ExactSolver):
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, method: str = "milp",
               diagonal_shift: bool = True, threads: int = 1, workers: int = 1,
-              row_time_limit: float | None = None) -> Solution:
+              row_time_limit: float | None = None, executor: str = "process") -> Solution:
         if method not in _METHODS:
             raise SolverError(f"highs method must be one of {', '.join(_METHODS)}, got {method!r}")
         deadline = deadline_of(time_limit)
         incumbent = warm_start if warm_start is not None else default_incumbent(problem)
         models: list[RowModel] = row_models(problem, incumbent, diagonal_shift and method == "qp_bound")
         tasks = [(model, row_time_limit, deadline, seed, threads) for model in models]
-        outcomes = map_rows(_METHODS[method], tasks, workers)
+        outcomes = map_rows(_METHODS[method], tasks, workers, executor)
         return assemble(problem, outcomes, {"method": method, "row_time_limit": row_time_limit})

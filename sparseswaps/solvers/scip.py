@@ -98,10 +98,10 @@ class ScipSolver(ExactSolver):
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, gap: float = 0.0,
               diagonal_shift: bool = False, workers: int = 1, row_time_limit: float | None = None,
-              scip_params: dict | None = None) -> Solution:
+              scip_params: dict | None = None, executor: str = "process") -> Solution:
         deadline = deadline_of(time_limit)
         incumbent = warm_start if warm_start is not None else default_incumbent(problem)
         models: list[RowModel] = row_models(problem, incumbent, diagonal_shift)
         tasks = [(model, row_time_limit, deadline, gap, seed, dict(scip_params or {})) for model in models]
-        outcomes = map_rows(_solve_row, tasks, workers)
+        outcomes = map_rows(_solve_row, tasks, workers, executor)
         return assemble(problem, outcomes, {"diagonal_shift": diagonal_shift, "row_time_limit": row_time_limit})
