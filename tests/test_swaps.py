@@ -121,6 +121,9 @@ def test_wide_rows_stay_feasible():
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_numba_engine_matches_the_torch_reference(dtype):
+    """In float64 both engines take the same swaps (same ties), so masks, swap counts and objectives are
+    identical. A float32 scan rounds differently in the dense torch products and numba's loops, so near-ties
+    may go either way: there the check is statistical."""
     from sparseswaps.solvers import swaps_cpu
 
     if not swaps_cpu.AVAILABLE:
@@ -129,8 +132,13 @@ def test_numba_engine_matches_the_torch_reference(dtype):
         problem, _ = make_problem("outliers", rows=12, d=96, seed=21, **spec)
         torch_result = ss.solve(problem, "swaps", engine="torch", dtype=dtype)
         numba_result = ss.solve(problem, "swaps", engine="numba", dtype=dtype)
-        torch.testing.assert_close(numba_result.row_objective, torch_result.row_objective, rtol=1e-6, atol=0)
-        assert (numba_result.mask == torch_result.mask).float().mean() > 0.99
+        if dtype == "float64":
+            assert torch.equal(numba_result.mask, torch_result.mask)
+            assert torch.equal(numba_result.extra["swaps"], torch_result.extra["swaps"])
+            assert torch.equal(numba_result.row_objective, torch_result.row_objective)
+        else:
+            torch.testing.assert_close(numba_result.row_objective, torch_result.row_objective, rtol=1e-6, atol=0)
+            assert (numba_result.mask == torch_result.mask).float().mean() > 0.99
 
 
 def exact_low(w, scale, restore, gram):

@@ -11,7 +11,8 @@ their warm start untouched: DSnoT refines only the other layers unless told `ski
 
 Differences from the reference code: Var[x_j] is the variance over all calibration tokens (the reference
 averages per-sample variances), and a row whose candidate lists are exhausted stops instead of reusing
-entries.
+entries. Where neither applies (one calibration sample, candidates left) the masks are the reference's:
+tests/test_parity.py runs a port of its prune_DSnoT beside this, unstructured and N:M.
 """
 from __future__ import annotations
 
