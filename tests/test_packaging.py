@@ -17,7 +17,7 @@ def test_only_the_sparseswaps_namespace_is_installed():
 def test_optional_backends_are_extras_and_the_test_extra_brings_them():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = " ".join(project["dependencies"])
-    assert not any(name in core for name in ("pyscipopt", "highspy", "numba", "matplotlib", "lm-eval"))
+    assert not any(name in core for name in ("pyscipopt", "highspy", "numba", "matplotlib", "lm-eval", "ray"))
     extras = project["optional-dependencies"]
-    assert {"exact", "cpu", "plots", "eval"} <= set(extras)
-    assert "sparseswaps[exact,cpu,plots]" in extras["test"]
+    assert {"exact", "cpu", "plots", "eval", "ray"} <= set(extras)
+    assert "sparseswaps[exact,cpu,plots,ray]" in extras["test"]
