@@ -63,12 +63,13 @@ class Ranks:
             torch.distributed.barrier()
 
     @contextmanager
-    def main_first(self):
-        """Rank 0 runs the block before the others (e.g. a conversion the others then read from a cache)."""
-        if not self.main:
+    def node_leaders_first(self):
+        """Local rank 0 of every node runs the block before the node's other ranks (e.g. a conversion into a
+        cache on the node's disk, which the others then read)."""
+        if self.local_rank != 0:
             self.barrier()
         yield
-        if self.main:
+        if self.local_rank == 0:
             self.barrier()
 
     def broadcast_json(self, payload=None):

@@ -50,7 +50,7 @@ def prune_model(config: PruneConfig, out: Path | None = None, save: Path | None 
     checkpoint = checkpoint or _default_checkpoint(out, save)
     if ranks.main:
         _check_outputs(out, save)
-    with ranks.main_first():     # a GGUF file is converted once, into the cache the other ranks then read
+    with ranks.node_leaders_first():     # a GGUF file is converted once per node, into the cache the others read
         lazy = open_model(config.model, DTYPES[config.dtype], config.tokenizer)
     bos = needs_bos_per_window(lazy.model) if config.bos_per_window == "auto" else config.bos_per_window == "yes"
     _check_prunable(lazy)
