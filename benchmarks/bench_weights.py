@@ -29,7 +29,7 @@ import sparseswaps as ss  # noqa: E402
 from sparseswaps.provenance import environment  # noqa: E402
 
 CHAINS = [["wanda"], ["wanda", "refit"], ["wanda", "swaps"], ["wanda", "swaps", "refit"], ["sparsegpt"],
-          ["sparsegpt", "refit"], ["admm"], ["admm", "refit"]]
+          ["sparsegpt", "refit"], ["admm"], ["admm", "refit"], ["alps"]]
 # 1-swaps on the re-fitted error cost O(k² (d - k)) per row and scan: the oracle instances only
 ORACLE_CHAINS = CHAINS + [["wanda", "swaps", "refit_swaps"], ["admm", "refit_swaps"]]
 TARGETS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "2:4": {"pattern": "2:4"}}

@@ -20,7 +20,7 @@ from sparseswaps.pipeline import PruneConfig, prune_model  # noqa: E402
 
 # name -> (warm start, solver[, re-fit the kept weights after]): what each method means as a solver chain.
 METHODS = {"magnitude": (None, "magnitude"), "wanda": (None, "wanda"), "sparsegpt": (None, "sparsegpt"),
-           "ria": (None, "ria"), "dsnot": ("wanda", "dsnot"), "admm": (None, "admm"),
+           "ria": (None, "ria"), "dsnot": ("wanda", "dsnot"), "admm": (None, "admm"), "alps": (None, "alps"),
            "wanda+swaps": ("wanda", "swaps"), "sparsegpt+refit": (None, "sparsegpt", True),
            "wanda+swaps+refit": ("wanda", "swaps", True)}
 

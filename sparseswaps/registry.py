@@ -27,6 +27,7 @@ BUILTIN_SOLVERS = {
     "refit": "sparseswaps.solvers.refit",
     "refit_swaps": "sparseswaps.solvers.refit_swaps",
     "admm": "sparseswaps.solvers.admm",
+    "alps": "sparseswaps.solvers.alps",
     "dsnot": "sparseswaps.solvers.dsnot",
     "swaps": "sparseswaps.solvers.swaps",
     "bruteforce": "sparseswaps.solvers.bruteforce",

@@ -13,6 +13,7 @@ SOLVER_CASES = {
     "ria": {},
     "sparsegpt": {},
     "admm": {},
+    "alps": {},
     "refit": {"warm_start": "wanda"},
     "refit_swaps": {},
     "dsnot": {},

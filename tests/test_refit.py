@@ -154,3 +154,91 @@ def test_refit_swaps_end_where_no_swap_lowers_the_refitted_error(spec):
                 neighbours.append(swapped)
         errors, _ = refit_errors(problem.weight[row].double(), gram, torch.stack(neighbours))
         assert errors.min() >= result.row_weight_objective[row] * (1 - 1e-9)
+
+
+def reference_alps_nm(W, XtX, nm_n, nm_m, rho=0.1, max_iter=300, update_iter=3, switch_iter=30):
+    """mazumder-lab/ALPS alps.py, ALPS_prune.ALPS_admm, its N:M branch line for line in float64 on the CPU
+    (nm_n kept of every nm_m), up to the final projection; returns the keep mask [rows, d]."""
+    XtX = XtX.double().clone()
+    W = W.double()
+    damp1 = 0.01 * torch.mean(torch.diag(XtX)).item()
+    diag = torch.arange(XtX.shape[0])
+    XtX[diag, diag] += damp1
+    X_norm = torch.diag(XtX).sqrt() + 1e-8
+    XtX = XtX / X_norm
+    XtX = (XtX.T / X_norm).T
+    YtX = torch.matmul(W * X_norm, XtX)
+    B = (W * X_norm).t().clone()
+    B_orig = B.clone()
+    V = torch.zeros_like(B)
+    totp, num_cout = B.shape
+    L, Q = torch.linalg.eigh(XtX)
+    XTX_inv = Q @ ((1 / (L + rho)) * Q).T
+    init_rho = False
+    new_dim = int(totp * num_cout / nm_m)
+    k_spar = totp * num_cout * nm_n / nm_m
+
+    def project(M):
+        M = M.t().reshape((new_dim, nm_m))
+        _, loss_idx = torch.topk(-M ** 2, nm_m - nm_n, dim=1)
+        M = M.scatter(src=torch.zeros((new_dim, nm_m - nm_n), dtype=M.dtype), dim=1, index=loss_idx)
+        return M, (M == 0).to(torch.float64)
+
+    D, D_suppp = project(B)
+    D = D.reshape(num_cout, totp).t()
+    D_init = D.clone()
+    D_supp = D_suppp
+    for i_admm in range(max_iter):
+        B = XTX_inv @ (YtX.T - V + rho * D)
+        D, D_supp = project((V + rho * B) / rho)
+        D = D.reshape(num_cout, totp).t()
+        V = V + rho * (B - D)
+        if (i_admm + 1) % update_iter == 0:
+            supp_change = torch.sum((D_supp - D_suppp) ** 2)
+            if supp_change / k_spar > 0.1:
+                init_rho = True
+                rho *= 1.3
+            elif supp_change / k_spar > 0.005:
+                init_rho = True
+                rho *= 1.2
+            elif supp_change > 0.5:
+                if init_rho:
+                    rho *= 1.1
+                else:
+                    rho /= 5
+                    B = B_orig.clone()
+                    D = D_init.clone()
+                    V = torch.zeros_like(B)
+            else:
+                if init_rho:
+                    break
+                else:
+                    rho /= 5
+            D_suppp = D_supp.clone()
+            if rho > 1e6:
+                rho = 1e6
+            XTX_inv = Q @ ((1 / (L + rho)) * Q).T
+            if i_admm >= switch_iter and supp_change / k_spar < 0.0003:
+                break
+    B, _ = project(B)
+    return B.reshape(num_cout, totp) != 0
+
+
+@pytest.mark.parametrize("source", ["real", "synthetic"])
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
+def test_alps_is_the_reference_admm_on_n_m_patterns(source, n, m):
+    from test_parity import layer
+
+    weight, gram = layer(source)
+    problem = ss.MaskProblem(weight, gram, pattern=f"{n}:{m}", check_psd=False)
+    result = ss.solve(problem, "alps")
+    assert torch.equal(result.mask, reference_alps_nm(weight, gram, n, m))
+    assert result.extra["admm_iterations"] > 3
+    exact = ss.solve(problem, "refit", warm_start=result.mask)
+    torch.testing.assert_close(result.weight, exact.weight)     # least squares on ALPS's mask
+
+
+def test_alps_option_errors_are_solver_errors():
+    problem, _ = make_problem("correlated", rows=4, d=16, seed=0, sparsity=0.5)
+    with pytest.raises(SolverError, match="alps needs rho > 0"):
+        ss.solve(problem, "alps", rho=0.0)
