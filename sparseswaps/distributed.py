@@ -53,10 +53,10 @@ class Ranks:
             return torch.device("cuda", self.local_rank)
         return device
 
-    def own_shards(self, shards: int) -> range:
-        """The shard indices this rank computes: a contiguous run, in order."""
-        per_rank = shards // self.world
-        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+    def own_shards(self, shards: int, rank: int | None = None) -> range:
+        """The shard indices this rank (or `rank`) computes: a contiguous run, in order."""
+        per_rank, rank = shards // self.world, self.rank if rank is None else rank
+        return range(rank * per_rank, (rank + 1) * per_rank)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -72,29 +72,22 @@ class Ranks:
         if self.local_rank == 0:
             self.barrier()
 
-    def broadcast_json(self, payload=None):
-        """Rank 0's JSON-serialisable `payload`, on every rank."""
+    def broadcast_object(self, payload=None):
+        """Rank 0's `payload` (small Python data: state, records, tensor layouts), on every rank. torch
+        pickles it in memory between our own processes; nothing is written or read from disk."""
         if not self.distributed:
             return payload
-        data = torch.frombuffer(bytearray(json.dumps(payload).encode()), dtype=torch.uint8) if self.main else None
-        size = torch.tensor([0 if data is None else len(data)], dtype=torch.int64, device=self.comm_device)
-        torch.distributed.broadcast(size, 0)
-        buffer = data.to(self.comm_device) if self.main else torch.empty(int(size), dtype=torch.uint8,
-                                                                          device=self.comm_device)
-        torch.distributed.broadcast(buffer, 0)
-        return json.loads(buffer.cpu().numpy().tobytes().decode())
+        box = [payload]
+        torch.distributed.broadcast_object_list(box, 0)
+        return box[0]
 
-    def gather_json(self, payload) -> list:
-        """Every rank's payload, in rank order, on every rank."""
+    def gather_objects(self, payload) -> list:
+        """Every rank's `payload`, in rank order, on every rank."""
         if not self.distributed:
             return [payload]
-        data = torch.frombuffer(bytearray(json.dumps(payload).encode()), dtype=torch.uint8).to(self.comm_device)
-        sizes = self._gather_equal(torch.tensor([len(data)], dtype=torch.int64, device=self.comm_device))
-        longest = int(max(sizes))
-        padded = torch.zeros(longest, dtype=torch.uint8, device=self.comm_device)
-        padded[:len(data)] = data
-        parts = self._gather_equal(padded)
-        return [json.loads(part[:int(size)].cpu().numpy().tobytes().decode()) for part, size in zip(parts, sizes)]
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, payload)
+        return parts
 
     def _gather_equal(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         parts = [torch.empty_like(tensor) for _ in range(self.world)]
@@ -134,7 +127,7 @@ class Ranks:
         """Rank 0's named tensors (or None), on every rank (on the communication device)."""
         if not self.distributed:
             return tensors
-        layout = self.broadcast_json(None if tensors is None else
+        layout = self.broadcast_object(None if tensors is None else
                                      {name: [list(t.shape), str(t.dtype).removeprefix("torch.")]
                                       for name, t in tensors.items()})
         if layout is None:
@@ -205,7 +198,7 @@ class SharedStore:
 
     def __init__(self, local, ranks: Ranks):
         self.local, self.ranks = local, ranks
-        state = ranks.broadcast_json({"records": local.records, "saved": local.saved} if ranks.main else None)
+        state = ranks.broadcast_object({"records": local.records, "saved": local.saved} if ranks.main else None)
         self.records: list[dict] = local.records if ranks.main else state["records"]
         self.saved: dict = local.saved if ranks.main else state["saved"]
 

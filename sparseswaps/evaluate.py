@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .data import Windows, evaluation_windows
+from .distributed import SINGLE, Ranks, shard_bounds
 from .errors import UserError
 
 
@@ -31,17 +32,14 @@ def perplexity(model, windows: Windows, device) -> dict:
 
 def streaming_perplexities(lazy, corpora, seqlen: int, device, *, bos_per_window: bool,
                            max_windows: int | None = None, overrides=None, desc: str = "evaluating",
-                           ranks=None) -> dict:
+                           ranks: Ranks = SINGLE) -> dict:
     """Perplexity of each corpus with one block in memory at a time: every corpus's windows go through block i
     before block i + 1 is read, as SparseGPT's evaluation does, so a model larger than the GPU is evaluated
     on it. `overrides(i)` gives block i's replaced tensors (the pruned weights), or None. Under torchrun
     (`ranks`) each rank evaluates a contiguous share of the windows and the per-window losses are gathered:
     a window's loss does not depend on the others, so the perplexity is the single process's."""
-    from .distributed import SINGLE, shard_bounds
-
     if not corpora:
         return {}
-    ranks = ranks or SINGLE
     windows = [evaluation_windows(name, lazy.tokenizer, seqlen, bos_per_window=bos_per_window,
                                   max_windows=max_windows) for name in corpora]
     input_ids = torch.cat([w.input_ids for w in windows])

@@ -6,6 +6,7 @@ The harness option max_d=N skips instances wider than N for that spec.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import statistics
@@ -56,24 +57,20 @@ def run_gaps(instances: list[Instance], specs: list[str], targets: list[str], ti
     return len(todo)
 
 
+def _takes(name: str, option: str) -> bool:
+    return option in inspect.signature(get_solver(name).solve).parameters
+
+
 def _executor_option(name: str, executor: str) -> dict:
     """Solvers that spread rows over workers take the executor; the others run in this process."""
-    import inspect
-
-    if executor == "process" or "executor" not in inspect.signature(get_solver(name).solve).parameters:
-        return {}
-    return {"executor": executor}
+    return {"executor": executor} if executor != "process" and _takes(name, "executor") else {}
 
 
 def _time_options(name: str, time_limit: float | None) -> dict:
     """The harness's limit is per row: exact solvers take it as row_time_limit, others as their budget."""
-    import inspect
-
     if time_limit is None:
         return {}
-    if "row_time_limit" in inspect.signature(get_solver(name).solve).parameters:
-        return {"row_time_limit": time_limit}
-    return {"time_limit": time_limit}
+    return {"row_time_limit" if _takes(name, "row_time_limit") else "time_limit": time_limit}
 
 
 def _applies(inst: Instance, target: str, parsed) -> bool:

@@ -285,10 +285,9 @@ def _solve_rows(problem: MaskProblem, config) -> tuple[dict, dict]:
 def _gathered(parts: list[tuple[dict, dict]], slices: list[range], ranks: Ranks) -> tuple[dict, dict]:
     """Every slice's rows in order, on every rank, and the solves' description (terminations in order of
     first appearance, runtimes summed)."""
-    metas = [meta for part in ranks.gather_json([meta for _, meta in parts]) for meta in part]
+    metas = [meta for part in ranks.gather_objects([meta for _, meta in parts]) for meta in part]
     keys = sorted(parts[0][0])
-    counts = [sum(len(slices[s]) for s in Ranks(rank, ranks.world).own_shards(len(slices)))
-              for rank in range(ranks.world)]
+    counts = [sum(len(slices[s]) for s in ranks.own_shards(len(slices), rank)) for rank in range(ranks.world)]
     rows = {key: ranks.gather_rows(torch.cat([part[key].to(parts[0][0][key].device) for part, _ in parts]), counts)
             for key in keys}
     meta = {"chain": metas[0]["chain"], "runtime_s": sum(m["runtime_s"] for m in metas),
