@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -151,8 +152,10 @@ def rescore_candidates(w, scale, restore, prune, gram, top) -> tuple[torch.Tenso
     return best, i_per_candidate.gather(1, k).squeeze(1), top.gather(1, k).squeeze(1)
 
 
-def choose_scan(pattern, device: torch.device, engine: str = "auto",
-                dtype: torch.dtype = torch.float32) -> tuple[ScanFn, bool]:
+ENGINES = ("auto", "torch", "numba", "triton")
+
+
+def _choose_scan(pattern, device: torch.device, engine: str, dtype: torch.dtype) -> tuple[ScanFn, bool]:
     """(scan function, whether it needs a dense [rows, p, d] working set). N:M scans are always cheap torch,
     exact whatever the dtype."""
     if engine not in ENGINES:
@@ -179,14 +182,10 @@ def choose_scan(pattern, device: torch.device, engine: str = "auto",
     return scan_per_row, True
 
 
-ENGINES = ("auto", "torch", "numba", "triton")
-
-
-def choose_candidate_scan(pattern, device: torch.device, engine: str, dtype: torch.dtype, k: int) -> tuple[ScanFn, bool]:
-    """For swaps_per_scan = k > 1: a scan that also returns each row's k best candidate columns."""
+def _candidate_scan(scan: ScanFn, pattern, dtype: torch.dtype, k: int) -> tuple[ScanFn, bool]:
+    """For swaps_per_scan = k > 1: the scan that also returns each row's k best candidate columns."""
     if isinstance(pattern, NM):
         raise UserError("swaps_per_scan > 1 applies to per-row sparsity; N:M swaps stay in their group, use 1")
-    scan, dense = choose_scan(pattern, device, engine, dtype)
     if dtype == torch.float16:
         return partial(scan_candidates_half, k=k), False
     if scan is swaps_triton.scan_per_row_triton:
@@ -194,6 +193,122 @@ def choose_candidate_scan(pattern, device: torch.device, engine: str, dtype: tor
     if scan is swaps_cpu.scan_per_row_numba:
         return partial(swaps_cpu.scan_candidates_numba, k=k), False
     return partial(scan_candidates_torch, k=k), True
+
+
+@dataclass
+class Progress:
+    """Per row of the problem: its mask, the swaps applied, the iterations run, whether it converged."""
+    mask: torch.Tensor
+    swaps: torch.Tensor
+    done: torch.Tensor
+    converged: torch.Tensor
+
+    @classmethod
+    def start(cls, mask: torch.Tensor) -> "Progress":
+        rows = len(mask)
+        return cls(mask.clone(), *(torch.zeros(rows, dtype=t, device=mask.device)
+                                   for t in (torch.long, torch.long, torch.bool)))
+
+    def of(self, rows: slice) -> "Progress":
+        """The same rows' entries as views, so a batch's updates land in the whole."""
+        return Progress(self.mask[rows], self.swaps[rows], self.done[rows], self.converged[rows])
+
+
+@dataclass
+class Rows:
+    """The rows of a batch still refining, as compact copies that shrink when rows stop; `ids` are their
+    places in the batch's Progress. c64 = G (w ⊙ ¬m) is kept in float64, w in the scan's dtype too."""
+    ids: torch.Tensor
+    w: torch.Tensor
+    w64: torch.Tensor
+    mask: torch.Tensor
+    c64: torch.Tensor
+
+    @classmethod
+    def active(cls, w64: torch.Tensor, progress: Progress, gram64: torch.Tensor, dtype: torch.dtype,
+               max_iters: int) -> "Rows":
+        ids = ((progress.done < max_iters) & ~progress.converged).nonzero().flatten()
+        w64, mask = w64[ids], progress.mask[ids]
+        return cls(ids, w64.to(dtype), w64, mask, (w64 * ~mask) @ gram64)
+
+    def keep(self, going_on: torch.Tensor) -> "Rows":
+        return Rows(*(t[going_on] for t in (self.ids, self.w, self.w64, self.mask, self.c64)))
+
+
+def apply_swaps(mask, c, w, gram, i, j, improving) -> None:
+    """In place, in the rows where `improving`: restore i and prune j, and update c = G (w ⊙ ¬m) with two
+    columns of G. On CUDA without a host synchronisation."""
+    rows = torch.arange(len(i), device=mask.device)
+    mask[rows, i] |= improving
+    mask[rows, j] &= ~improving
+    if c.is_cuda and swaps_triton.AVAILABLE:
+        swaps_triton.update_c(c, w, gram, i, j, improving)
+    else:
+        rows = improving.nonzero().flatten()
+        c[rows] += w[rows, j[rows], None] * gram[j[rows]] - w[rows, i[rows], None] * gram[i[rows]]
+
+
+def _record(rows: Rows, progress: Progress, i, j, improving) -> None:
+    """The applied swaps of the working rows, in their Progress: both mask entries and the swap count."""
+    progress.mask[rows.ids, i] |= improving
+    progress.mask[rows.ids, j] &= ~improving
+    progress.swaps[rows.ids] += improving
+
+
+def settle_torch(rows: Rows, progress: Progress, best, i, j, gram64, max_iters: int) -> torch.Tensor:
+    """Check each row's swap in float64, apply the improving ones (both masks, c), count the iteration and
+    the swap or the convergence; whether each row goes on."""
+    improving = (best < 0) & (exact_deltas(rows.w64, rows.c64, gram64, i, j) < 0)
+    apply_swaps(rows.mask, rows.c64, rows.w64, gram64, i, j, improving)
+    _record(rows, progress, i, j, improving)
+    progress.converged[rows.ids] |= ~improving
+    progress.done[rows.ids] += 1
+    return improving & (progress.done[rows.ids] < max_iters)
+
+
+def candidate_swaps_torch(top, active, rows: Rows, progress: Progress, gram64) -> None:
+    """After a scan's best swap: each candidate column j in turn (one column of every row at a time), with
+    its best pruned i on the current state, applied where Δ < 0 in float64: an exact improving 1-swap,
+    whatever the scan thought."""
+    index = torch.arange(len(rows.ids), device=rows.w64.device)
+    for column in top.T.contiguous():
+        restore, prune = masked_swap_terms(rows.w64, rows.mask, rows.c64, gram64)
+        delta = restore + prune[index, column, None] - 2 * rows.w64 * rows.w64[index, column, None] * gram64[column]
+        best, i = delta.min(1)
+        improving = active & (best < 0)
+        apply_swaps(rows.mask, rows.c64, rows.w64, gram64, i, column, improving)
+        _record(rows, progress, i, column, improving)
+
+
+def candidate_swaps_numba(top, active, rows: Rows, progress: Progress, gram64) -> None:
+    """`candidate_swaps_torch` compiled for the CPU (one row per task); the same swaps."""
+    progress.swaps[rows.ids] += swaps_cpu.candidate_swaps_numba(top, active, rows.w64, rows.c64, gram64, rows.mask)
+    progress.mask[rows.ids] = rows.mask
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One device's refinement step, chosen once: the scan, whether it needs the dense [rows, p, d] working
+    set, the float64 check and application of each scan's swap (`settle`, which says which rows go on) and,
+    for swaps_per_scan > 1, the further candidate swaps."""
+    scan: ScanFn
+    dense: bool
+    settle: Callable[..., torch.Tensor]
+    candidate_swaps: Callable[..., None] | None
+
+
+def choose_engine(pattern, device: torch.device, engine: str = "auto", dtype: torch.dtype = torch.float32,
+                  swaps_per_scan: int = 1) -> Engine:
+    """The scan `engine` names (auto: the fastest there is on `device`); the float64 steps run as CUDA
+    kernels on a GPU with Triton, compiled on a CPU with numba, in torch otherwise."""
+    scan, dense = _choose_scan(pattern, device, engine, dtype)
+    kernels = device.type == "cuda" and swaps_triton.AVAILABLE
+    candidates = None
+    if swaps_per_scan > 1:
+        scan, dense = _candidate_scan(scan, pattern, dtype, swaps_per_scan)
+        candidates = swaps_triton.candidate_swaps if kernels else (
+            candidate_swaps_numba if device.type == "cpu" and swaps_cpu.AVAILABLE else candidate_swaps_torch)
+    return Engine(scan, dense, swaps_triton.settle if kernels else settle_torch, candidates)
 
 
 def pairs_per_row(problem_d: int, pattern) -> int:
@@ -214,139 +329,82 @@ def batch_rows_for(d: int, pattern, itemsize: int, device: torch.device, dense: 
     return max(1, budget // per_row)
 
 
+@dataclass
+class _Run:
+    """What every batch of one refinement shares."""
+    engine: Engine
+    pattern: object
+    gram: torch.Tensor
+    gram64: torch.Tensor
+    dtype: torch.dtype
+    max_iters: int
+    deadline: float | None
+    pairs: int
+    pairs_evaluated: int = 0
+    timed_out: bool = False
+
+
 def refine(problem: MaskProblem, mask: torch.Tensor, *, max_iters: int = 100, batch_rows: int | None = None,
            device=None, dtype: torch.dtype = torch.float32, time_limit: float | None = None,
            engine: str = "auto", swaps_per_scan: int = 1) -> Solution:
-    """Run 1-swap refinement of `mask` on `problem`; the driver shared by every scan implementation."""
+    """Run 1-swap refinement of `mask` on `problem`, batch after batch of rows."""
     if max_iters < 0:
         raise UserError(f"max_iters must be >= 0, got {max_iters}")
     if not isinstance(swaps_per_scan, int) or swaps_per_scan < 1:
         raise UserError(f"swaps_per_scan must be a whole number >= 1, got {swaps_per_scan!r}")
     device = torch.device(device) if device is not None else problem.device
-    if swaps_per_scan > 1:
-        scan, dense = choose_candidate_scan(problem.pattern, device, engine, dtype, swaps_per_scan)
-    else:
-        scan, dense = choose_scan(problem.pattern, device, engine, dtype)
+    chosen = choose_engine(problem.pattern, device, engine, dtype, swaps_per_scan)
     dtype = torch.float32 if dtype == torch.float16 else dtype    # float16 is only the filter's arithmetic
-    gram = problem.gram.to(device=device, dtype=dtype)
-    gram64 = problem.gram.to(device=device, dtype=torch.float64)
+    run = _Run(chosen, problem.pattern, problem.gram.to(device=device, dtype=dtype), problem.gram.to(device=device, dtype=torch.float64),
+               dtype, max_iters, None if time_limit is None else time.monotonic() + time_limit,
+               pairs_per_row(problem.d, problem.pattern))
     if batch_rows is None:
-        batch_rows = (min(problem.rows, batch_rows_for(problem.d, problem.pattern, gram.element_size(), device,
-                                                       dense)) if dense or device.type == "cuda" else problem.rows)
-    mask = mask.to(device).clone()
-    swaps = torch.zeros(problem.rows, dtype=torch.long, device=device)
-    done = torch.zeros(problem.rows, dtype=torch.long, device=device)      # iterations run per row
-    converged = torch.zeros(problem.rows, dtype=torch.bool, device=device)
-    deadline = None if time_limit is None else time.monotonic() + time_limit
-    pairs = pairs_per_row(problem.d, problem.pattern)
-    stats = {"pairs_evaluated": 0, "timed_out": False, "batch_rows": batch_rows}
+        batch_rows = (min(problem.rows, batch_rows_for(problem.d, problem.pattern, run.gram.element_size(), device,
+                                                       chosen.dense))
+                      if chosen.dense or device.type == "cuda" else problem.rows)
+    progress = Progress.start(mask.to(device))
     start = 0
-    while start < problem.rows:
-        rows = slice(start, min(start + stats["batch_rows"], problem.rows))
-        w64 = problem.weight[rows].to(device=device, dtype=torch.float64)
+    while start < problem.rows and not run.timed_out:
+        rows = slice(start, min(start + batch_rows, problem.rows))
         try:
-            _refine_batch(w64, mask[rows], swaps[rows], done[rows], converged[rows], gram, gram64,
-                          problem.pattern, max_iters, dtype, scan, deadline, pairs, stats)
+            _refine_batch(problem.weight[rows].to(device=device, dtype=torch.float64), progress.of(rows), run)
         except torch.cuda.OutOfMemoryError:
-            if stats["batch_rows"] == 1:
+            if batch_rows == 1:
                 raise
             # Every applied swap is exact, so the batch resumes from where it stood with half the rows.
-            stats["batch_rows"] = max(1, stats["batch_rows"] // 2)
+            batch_rows = max(1, batch_rows // 2)
             torch.cuda.empty_cache()
             continue
-        if stats["timed_out"]:
-            break
         start = rows.stop
-    if stats["timed_out"]:
-        termination = Termination.TIME_LIMIT
-    elif bool(converged.all()):
-        termination = Termination.LOCAL_OPTIMUM
-    else:
-        termination = Termination.ITERATION_LIMIT
-    extra = {"swaps": swaps.cpu(), "swaps_total": int(swaps.sum()), "converged": converged.cpu(),
-             "rows_converged": int(converged.sum()),
-             "iterations": int(done.max()) if problem.rows else 0, "pairs_evaluated": stats["pairs_evaluated"],
-             "batch_rows": stats["batch_rows"]}
-    return Solution(mask.to(problem.device), termination, extra=extra)
+    return Solution(progress.mask.to(problem.device), _termination(run, progress),
+                    extra={"swaps": progress.swaps.cpu(), "swaps_total": int(progress.swaps.sum()),
+                           "converged": progress.converged.cpu(), "rows_converged": int(progress.converged.sum()),
+                           "iterations": int(progress.done.max()) if problem.rows else 0,
+                           "pairs_evaluated": run.pairs_evaluated, "batch_rows": batch_rows})
 
 
-def apply_swaps(mask, c, w, gram, i, j, improving) -> None:
-    """In place, in the rows where `improving`: restore i and prune j, and update c = G (w ⊙ ¬m) with two
-    columns of G. On CUDA without a host synchronisation."""
-    rows = torch.arange(len(i), device=mask.device)
-    mask[rows, i] |= improving
-    mask[rows, j] &= ~improving
-    if c.is_cuda and swaps_triton.AVAILABLE:
-        swaps_triton.update_c(c, w, gram, i, j, improving)
-    else:
-        rows = improving.nonzero().flatten()
-        c[rows] += w[rows, j[rows], None] * gram[j[rows]] - w[rows, i[rows], None] * gram[i[rows]]
+def _termination(run: _Run, progress: Progress) -> Termination:
+    if run.timed_out:
+        return Termination.TIME_LIMIT
+    return Termination.LOCAL_OPTIMUM if bool(progress.converged.all()) else Termination.ITERATION_LIMIT
 
 
-def _refine_batch(w64, mask, swaps, done, converged, gram, gram64, pattern, max_iters, dtype, scan, deadline,
-                  pairs, stats) -> None:
-    """Refine a batch of rows in place (mask, swaps, done, converged are views into the full tensors).
-
-    The scan works on compact copies of the rows still refining; they shrink when rows stop, and `mask`
-    gets every applied swap at once, so an interruption (time limit, out of memory) loses nothing. One
-    host synchronisation per iteration (whether any row stopped), so the GPU does not wait on Python."""
-    ids = ((done < max_iters) & ~converged).nonzero().flatten()
-    w64, work_mask = w64[ids], mask[ids]
-    c64 = (w64 * ~work_mask) @ gram64
-    w = w64.to(dtype)
-    while len(ids):
-        if deadline is not None and time.monotonic() > deadline:
-            stats["timed_out"] = True
+def _refine_batch(w64: torch.Tensor, progress: Progress, run: _Run) -> None:
+    """Refine a batch of rows in place. Every applied swap reaches `progress` at once, so an interruption
+    (time limit, out of memory) loses nothing. One host synchronisation per iteration (whether any row
+    stopped), so the GPU does not wait on Python."""
+    rows = Rows.active(w64, progress, run.gram64, run.dtype, run.max_iters)
+    while len(rows.ids):
+        if run.deadline is not None and time.monotonic() > run.deadline:
+            run.timed_out = True
             return
-        stats["pairs_evaluated"] += len(ids) * pairs
-        best, i, j, *candidates = scan(w, work_mask, c64, gram, pattern)
-        going_on = _settle(best, i, j, w64, c64, gram64, work_mask, mask, ids, swaps, converged, done, max_iters)
+        run.pairs_evaluated += len(rows.ids) * run.pairs
+        best, i, j, *candidates = run.engine.scan(rows.w, rows.mask, rows.c64, run.gram, run.pattern)
+        going_on = run.engine.settle(rows, progress, best, i, j, run.gram64, run.max_iters)
         if candidates:
-            _candidate_swaps(candidates[0], ~converged[ids], w64, c64, gram64, work_mask, mask, ids, swaps)
+            run.engine.candidate_swaps(candidates[0], ~progress.converged[rows.ids], rows, progress, run.gram64)
         if not bool(going_on.all()):
-            ids, w, w64, work_mask, c64 = (t[going_on] for t in (ids, w, w64, work_mask, c64))
-
-
-def _settle(best, i, j, w64, c64, gram64, work_mask, mask, ids, swaps, converged, done, max_iters) -> torch.Tensor:
-    """Check each row's swap in float64, apply the improving ones (both masks, c), count the iteration and
-    the swap or the convergence; whether each row goes on. On CUDA two kernels (swaps_triton.settle)."""
-    if c64.is_cuda and swaps_triton.AVAILABLE:
-        return swaps_triton.settle(best, i, j, w64, c64, gram64, work_mask, mask, ids, swaps, converged, done,
-                                   max_iters)
-    improving = (best < 0) & (exact_deltas(w64, c64, gram64, i, j) < 0)
-    apply_swaps(work_mask, c64, w64, gram64, i, j, improving)
-    mask[ids, i] |= improving
-    mask[ids, j] &= ~improving
-    swaps[ids] += improving
-    converged[ids] |= ~improving
-    done[ids] += 1
-    return improving & (done[ids] < max_iters)
-
-
-def _candidate_swaps(top, active, w64, c64, gram64, work_mask, mask, ids, swaps) -> None:
-    """After a scan's best swap: each candidate column j in turn, with its best pruned i on the current
-    state, applied where Δ < 0 in float64 (an exact improving 1-swap, whatever the scan thought)."""
-    if c64.is_cuda and swaps_triton.AVAILABLE:
-        swaps_triton.candidate_swaps(top, active, w64, c64, gram64, work_mask, mask, ids, swaps)
-    elif not c64.is_cuda and swaps_cpu.AVAILABLE and c64.is_contiguous() and work_mask.is_contiguous():
-        swaps[ids] += swaps_cpu.candidate_swaps_numba(top, active, w64, c64, gram64, work_mask)
-        mask[ids] = work_mask
-    else:
-        candidate_swaps_torch(top, active, w64, c64, gram64, work_mask, mask, ids, swaps)
-
-
-def candidate_swaps_torch(top, active, w64, c64, gram64, work_mask, mask, ids, swaps) -> None:
-    """`_candidate_swaps` in batched torch, one candidate column of every row at a time (the reference)."""
-    rows = torch.arange(len(ids), device=w64.device)
-    for column in top.T.contiguous():
-        restore, prune = masked_swap_terms(w64, work_mask, c64, gram64)
-        delta = restore + prune[rows, column, None] - 2 * w64 * w64[rows, column, None] * gram64[column]
-        best, i = delta.min(1)
-        improving = active & (best < 0)
-        apply_swaps(work_mask, c64, w64, gram64, i, column, improving)
-        mask[ids, i] |= improving
-        mask[ids, column] &= ~improving
-        swaps[ids] += improving
+            rows = rows.keep(going_on)
 
 
 @register("swaps")

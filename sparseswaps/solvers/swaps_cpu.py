@@ -58,7 +58,7 @@ if AVAILABLE:
 
     @njit(parallel=True, fastmath=False, cache=True)
     def _candidate_swaps(top, active, w, c, gram, kept, swaps):   # pragma: no cover - compiled
-        """swaps._candidate_swaps in float64 (no fastmath: these are the exact checks), one row per task."""
+        """swaps.candidate_swaps_torch in float64 (no fastmath: these are the exact checks), one row per task."""
         rows, d = w.shape
         for r in prange(rows):
             if not active[r]:

@@ -442,28 +442,30 @@ def update_c(c, w, gram, i, j, improving) -> None:
                                                         d, BLOCK=block)
 
 
-def settle(best, i, j, w64, c64, gram64, work_mask, mask, ids, swaps, converged, done, max_iters) -> torch.Tensor:
-    """The refinement's step after a scan, on CUDA in two kernels (see _settle_kernel and update_c); the
-    torch version is swaps._settle. Returns whether each row goes on."""
-    n, d = c64.shape
-    improving, going_on = (torch.empty(n, dtype=torch.bool, device=c64.device) for _ in range(2))
+def settle(rows, progress, best, i, j, gram64, max_iters) -> torch.Tensor:
+    """swaps.settle_torch on CUDA in two kernels (_settle_kernel, then update_c): the float64 check of each
+    working row's swap, applied to `rows` (swaps.Rows) and `progress` (swaps.Progress). Returns whether each
+    row goes on."""
+    n, d = rows.c64.shape
+    improving, going_on = (torch.empty(n, dtype=torch.bool, device=rows.c64.device) for _ in range(2))
     block = 256
-    as_bytes = [t.view(torch.uint8) for t in (work_mask, mask, converged, improving, going_on)]
-    _settle_kernel[(triton.cdiv(n, block),)](best, i, j, w64, c64, gram64, as_bytes[0], as_bytes[1], ids, swaps,
-                                            as_bytes[2], done, as_bytes[3], as_bytes[4], n, d, max_iters,
-                                            BLOCK=block)
-    update_c(c64, w64, gram64, i, j, improving)
+    as_bytes = [t.view(torch.uint8) for t in (rows.mask, progress.mask, progress.converged, improving, going_on)]
+    _settle_kernel[(triton.cdiv(n, block),)](best, i, j, rows.w64, rows.c64, gram64, as_bytes[0], as_bytes[1],
+                                            rows.ids, progress.swaps, as_bytes[2], progress.done, as_bytes[3],
+                                            as_bytes[4], n, d, max_iters, BLOCK=block)
+    update_c(rows.c64, rows.w64, gram64, i, j, improving)
     return going_on
 
 
-def candidate_swaps(top, active, w64, c64, gram64, work_mask, mask, ids, swaps) -> None:
-    """swaps._candidate_swaps on CUDA in one kernel (one program per row, the candidates in order)."""
-    n, d = c64.shape
+def candidate_swaps(top, active, rows, progress, gram64) -> None:
+    """swaps.candidate_swaps_torch on CUDA in one kernel (one program per row, the candidates in order)."""
+    n, d = rows.c64.shape
     if n:
         top = top.contiguous()
-        _candidate_kernel[(n,)](top, active.contiguous().view(torch.uint8), w64, c64, gram64,
-                                gram64.diagonal().contiguous(), work_mask.view(torch.uint8), mask.view(torch.uint8),
-                                ids, swaps, d, top.shape[1], BLOCK=1024)
+        _candidate_kernel[(n,)](top, active.contiguous().view(torch.uint8), rows.w64, rows.c64, gram64,
+                                gram64.diagonal().contiguous(), rows.mask.view(torch.uint8),
+                                progress.mask.view(torch.uint8), rows.ids, progress.swaps, d, top.shape[1],
+                                BLOCK=1024)
 
 
 def scan_per_row_triton(w, mask, c, gram, pattern, kernel: str = "auto"):
