@@ -39,7 +39,16 @@ SHAPES = {
 # method -> CLI arguments (warm start and solver)
 METHODS = {"wanda": ["--warm-start", "none", "--solver", "wanda"],
            "sparsegpt": ["--warm-start", "none", "--solver", "sparsegpt"],
-           "wanda+swaps": ["--warm-start", "wanda", "--solver", "swaps"]}
+           "admm": ["--warm-start", "none", "--solver", "admm"],
+           "alps": ["--warm-start", "none", "--solver", "alps"],
+           "sparsegpt+refit": ["--warm-start", "none", "--solver", "sparsegpt", "--update-weights"],
+           "wanda+swaps": ["--warm-start", "wanda", "--solver", "swaps"],
+           "wanda+swaps+refit": ["--warm-start", "wanda", "--solver", "swaps", "--update-weights"]}
+
+
+def uses_swaps(method: str) -> bool:
+    """Whether the method runs the swaps solver (the --solver-option flags are its options)."""
+    return "swaps" in method.split("+")
 
 
 def llama_config(shape: str, blocks: int):
@@ -102,7 +111,7 @@ def run_method(model: Path, method: str, args, work: Path, ranks: int = 0) -> di
     command = [*launcher(ranks), "prune", "--model", str(model), *METHODS[method],
                "--protocol", args.protocol, "--eval", args.eval, "--eval-windows", str(args.eval_windows),
                "--out", str(out), *sum((["--solver-option", o] for o in args.solver_option
-                                        if method.endswith("swaps")), [])]
+                                        if uses_swaps(method)), [])]
     if args.nsamples:
         command += ["--nsamples", str(args.nsamples)]
     started = time.perf_counter()
@@ -150,7 +159,7 @@ def table(runs: list[dict]) -> str:
         stage = run["stage_seconds"]
         gpu = "-" if run["peak_gpu_gib"] is None else f"{run['peak_gpu_gib']:.1f}"
         bound = 3 * run["sizes"]["block_gib"] + run["sizes"]["calibration_activations_gib"]
-        method = run["method"] + (swap_setting(run["config"]["solver_options"]) if run["method"].endswith("swaps")
+        method = run["method"] + (swap_setting(run["config"]["solver_options"]) if uses_swaps(run["method"])
                                   else "")
         lines.append(f"| {run['model_shape']} | {run['blocks']} | {method} | {ranks_label(run)} | "
                      f"{run['pruning_seconds']:.1f} | {efficiency(run, runs)} | {run['outside_solver_share']:.0%} | {stage['load_s']:.1f} | {stage['gram_s']:.1f} | "

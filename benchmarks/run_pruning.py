@@ -13,16 +13,35 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparseswaps.pipeline import PruneConfig, prune_model  # noqa: E402
 
-# name -> (warm start, solver[, re-fit the kept weights after]): what each method means as a solver chain.
-METHODS = {"magnitude": (None, "magnitude"), "wanda": (None, "wanda"), "sparsegpt": (None, "sparsegpt"),
-           "ria": (None, "ria"), "dsnot": ("wanda", "dsnot"), "admm": (None, "admm"), "alps": (None, "alps"),
-           "wanda+swaps": ("wanda", "swaps"), "sparsegpt+refit": (None, "sparsegpt", True),
-           "wanda+swaps+refit": ("wanda", "swaps", True)}
+class Method(NamedTuple):
+    """What a method of the tables means as a solver chain: a warm start, a solver and its options, and
+    whether the kept weights are re-fitted after (`--update-weights`)."""
+    warm: str | None
+    solver: str
+    update_weights: bool = False
+    options: dict = {}
+
+
+# λ = 1e-6 · mean diag G on the kept block, as ALPS's own re-fit and --update-weights use, so a dead input
+# in a model's layer cannot stop the run.
+METHODS = {"magnitude": Method(None, "magnitude"), "wanda": Method(None, "wanda"),
+           "sparsegpt": Method(None, "sparsegpt"), "ria": Method(None, "ria"), "dsnot": Method("wanda", "dsnot"),
+           "admm": Method(None, "admm"), "alps": Method(None, "alps"), "wanda+swaps": Method("wanda", "swaps"),
+           "sparsegpt+refit": Method(None, "sparsegpt", True), "wanda+swaps+refit": Method("wanda", "swaps", True),
+           "alps+refit_swaps": Method("alps", "refit_swaps", options={"damping": 1e-6})}
+
+
+def method_config(method: str, target: str, **fields) -> PruneConfig:
+    """The pipeline's configuration of one cell of a matrix."""
+    chosen = METHODS[method]
+    return PruneConfig(solver=chosen.solver, warm_start=chosen.warm, update_weights=chosen.update_weights,
+                       solver_options=dict(chosen.options), **target_fields(target), **fields)
 
 
 def target_fields(target: str) -> dict:
@@ -161,9 +180,8 @@ def main() -> None:
         for method in args.methods.split(","):
             if (method, target) in done:
                 continue
-            warm, solver, *refit = METHODS[method]
-            config = PruneConfig(model=args.model, tokenizer=args.tokenizer, solver=solver, warm_start=warm,
-                                 protocol=args.protocol, update_weights=bool(refit), **target_fields(target))
+            config = method_config(method, target, model=args.model, tokenizer=args.tokenizer,
+                                   protocol=args.protocol)
             started = time.perf_counter()
             result = prune_model(config, dense_cache=dense_cache, checkpointing=False)
             result.update(method=method, target=target, wall_s=time.perf_counter() - started)

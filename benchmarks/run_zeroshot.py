@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_pruning import METHODS, grouped_bars, matrix_parser, target_fields  # noqa: E402
+from run_pruning import METHODS, grouped_bars, matrix_parser, method_config  # noqa: E402
 from sparseswaps.models import load_model  # noqa: E402
 from sparseswaps.pipeline import PruneConfig, prune_model  # noqa: E402
 from sparseswaps.provenance import environment  # noqa: E402
@@ -72,10 +72,9 @@ def main() -> None:
             name = f"{method} {target}"
             if name in store["runs"]:
                 continue
-            warm, solver = METHODS[method]
-            config = PruneConfig(model=args.model, tokenizer=args.tokenizer, solver=solver, warm_start=warm,
-                                 protocol=args.protocol, device=args.device, eval=(), zero_shot=tuple(tasks),
-                                 zero_shot_limit=args.limit, **target_fields(target))
+            config = method_config(method, target, model=args.model, tokenizer=args.tokenizer,
+                                   protocol=args.protocol, device=args.device, eval=(), zero_shot=tuple(tasks),
+                                   zero_shot_limit=args.limit)
             result = prune_model(config, checkpointing=False)
             store["runs"][name] = {"config": result["config"], "summary": result["summary"],
                                    "zero_shot": result["zero_shot"]}

@@ -41,3 +41,13 @@ def test_pruning_shards_merge_into_one_matrix(tmp_path, monkeypatch):
     assert sorted((r["method"], r["target"]) for r in merged) == sorted((r["method"], r["target"]) for r in runs)
     assert merged == runs[::2] + runs[1::2]
     assert out.with_suffix(".md").read_text() == run_pruning.table(merged)
+
+
+def test_every_method_is_a_valid_pipeline_configuration():
+    """Each method of the matrices resolves to a chain the pipeline accepts (solver names, warm start)."""
+    for method, chosen in run_pruning.METHODS.items():
+        for target in ("0.5", "2:4"):
+            config = run_pruning.method_config(method, target, device="cpu").resolved()
+            assert (config.solver, config.warm_start, config.update_weights) == (
+                chosen.solver, chosen.warm, chosen.update_weights), method
+            assert config.solver_options.items() >= chosen.options.items()

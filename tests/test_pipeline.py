@@ -239,3 +239,18 @@ def test_a_singular_kept_block_gets_a_true_minimiser_or_a_clear_error():
         refit_weights(problem, mask, damping=0.0, tolerance=0.0)
     damped = refit_weights(problem, mask, damping=1e-3, tolerance=0.0)
     assert torch.allclose(damped, dense_least_squares(problem, mask, 1e-3), rtol=1e-9, atol=1e-12)
+
+
+def test_refit_swaps_from_alps_lower_every_first_block_error(tmp_path):
+    """`--warm-start alps --solver refit_swaps`: block 0's layers (the same inputs in both runs) end with
+    a re-fitted error no higher than ALPS's own, and the model is pruned to the target."""
+    tiny = save_tiny(tmp_path / "llama", "llama")
+    runs = {solver: prune_model(PruneConfig(model=str(tiny), sparsity=0.5, solver=solver, warm_start=warm,
+                                            solver_options=options, **QUICK))
+            for solver, warm, options in (("alps", None, {}), ("refit_swaps", "alps", {"damping": 1e-6}))}
+    first = {solver: {row["layer"]: row for row in run["layers"] if row["block"] == 0} for solver, run in runs.items()}
+    assert first["alps"].keys() == first["refit_swaps"].keys()
+    for layer, row in first["refit_swaps"].items():
+        assert row["solver"] == "alps+refit_swaps" and row["rows_converged"] == row["shape"][0]
+        assert row["reconstruction_error"] <= first["alps"][layer]["reconstruction_error"] * (1 + 1e-6), layer
+    assert sum(row["swaps"] for row in first["refit_swaps"].values()) > 0

@@ -156,6 +156,39 @@ def test_refit_swaps_end_where_no_swap_lowers_the_refitted_error(spec):
         assert errors.min() >= result.row_weight_objective[row] * (1 - 1e-9)
 
 
+@pytest.mark.parametrize("family", ["correlated", "outliers"])
+@pytest.mark.parametrize("spec", [{"sparsity": 0.6}, {"pattern": "2:4"}])
+def test_batched_refit_swaps_take_the_swaps_of_the_row_by_row_reference(family, spec):
+    """The rank-one-updated batch (any batch size) takes exactly the swaps of refit_swap_row, which
+    re-solves the kept system from scratch at every swap."""
+    from sparseswaps.solvers.refit_swaps import refit_swap_row, refit_swap_rows
+
+    problem, _ = make_problem(family, rows=10, d=48, seed=5, tokens=200, **spec)
+    start = ss.solve(problem, "magnitude").mask
+    group = 4 if "pattern" in spec else None
+    expected = [refit_swap_row(w, problem.gram.double(), keep, 1000, group)
+                for w, keep in zip(problem.weight.double(), start)]
+    for batch_rows in (None, 3):
+        mask, swaps, converged = refit_swap_rows(problem.weight, problem.gram, start, 1000, group,
+                                                 batch_rows=batch_rows)
+        assert torch.equal(mask, torch.stack([row[0] for row in expected]))
+        assert swaps.tolist() == [row[1] for row in expected] and converged.all()
+    assert swaps.sum() > len(swaps)
+
+
+def test_refit_swaps_on_a_singular_kept_block_ask_for_damping():
+    problem, _ = make_problem("correlated", rows=2, d=12, seed=1, tokens=48, sparsity=0.5)
+    gram = problem.gram.clone()
+    gram[3], gram[:, 3] = 0, 0                                  # a dead input
+    dead = ss.MaskProblem(problem.weight, gram, sparsity=0.5)
+    keep = torch.zeros(2, 12, dtype=torch.bool)
+    keep[:, :6] = True
+    with pytest.raises(SolverError, match="damping"):
+        ss.solve(dead, "refit_swaps", warm_start=keep)
+    result = ss.solve(dead, "refit_swaps", warm_start=keep, damping=1e-6)
+    assert dead.is_feasible(result.mask) and torch.isfinite(result.weight).all()
+
+
 def reference_alps_nm(W, XtX, nm_n, nm_m, rho=0.1, max_iter=300, update_iter=3, switch_iter=30):
     """mazumder-lab/ALPS alps.py, ALPS_prune.ALPS_admm, its N:M branch line for line in float64 on the CPU
     (nm_n kept of every nm_m), up to the final projection; returns the keep mask [rows, d]."""

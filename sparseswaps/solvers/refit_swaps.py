@@ -7,8 +7,13 @@ is scored exactly by the two rank-one formulas
     then adding j:       E falls by (r_j + U_ij v_i / H_ii)² / (G_jj - q_j + U_ij² / H_ii),
 with r = g_N - G_NS v (what j would still explain), U = H G_SN and q_j = G_jS H G_Sj. Every iteration each
 row takes its best swap while it lowers E by more than a relative 1e-12; the result carries the
-least-squares weights of the final mask. Float64, row by row, O(k² (d - k)) per scan: meant for small and
-medium rows (the gap harness, layer studies), not for 8B-wide layers.
+least-squares weights of the final mask.
+
+`refit_swap_row` is that, row by row, re-solving the kept system at every swap (O(k² (d - k)) per scan):
+the reference. The solver runs `refit_swap_rows`: batches of rows in float64 on the problem's device, the
+state kept in the full d x d index space and updated after each swap by the bordered-inverse formulas, so a
+scan and an update cost O(d²) per row (64 d² bytes of memory per row of a batch). It takes the reference's
+swaps (tests/test_refit.py). An 8B-wide layer still needs 13 GB per row.
 """
 from __future__ import annotations
 
@@ -61,30 +66,170 @@ def refit_swap_row(w, gram, keep, max_iters: int, group: int | None = None) -> t
     return keep, max_iters, False
 
 
+class _Batch:
+    """The re-fitted state of a batch of rows [B] in the full index space (d x d per row), updated by rank-one
+    steps after each swap instead of re-solved: H = (G_SS + λI)⁻¹ on S x S, v = H g_S, U = H G_SN on
+    S x N, r_l = g_l - G_lS v and C_l = G_ll + λ - G_lS H G_Sl on N (other entries zero or unused), and E.
+    A drop of i (H_ii, h = H[:, i]) and an add of j (u = U[:, j], c = C_j, t_l = G_jl - uᵀ G_:l) follow the
+    bordered-inverse formulas: O(d²) per row and swap, where re-solving costs O(d³)."""
+
+    def __init__(self, w, gram, damped, keep):
+        self.rows, self.keep = torch.arange(len(w), device=w.device), keep.clone()
+        self.gram, self.damped = gram, damped
+        both = keep[:, :, None] & keep[:, None, :]
+        eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+        self.h = torch.cholesky_inverse(torch.linalg.cholesky(torch.where(both, damped, eye))) * both
+        g = w @ gram
+        self.v = (self.h @ g.unsqueeze(2)).squeeze(2)
+        self.u = self.h @ gram
+        self.r = g - self.v @ gram
+        self.c = damped.diagonal() - torch.einsum("sl,bsl->bl", gram, self.u)
+        self.error = (w * g).sum(1) - (g * self.v).sum(1)
+        self.ids = self.rows.clone()
+
+    def deltas(self, group: int | None, scale: float) -> torch.Tensor:
+        """Δ [B, d (drop i), d (add j)] of every swap; +inf where i is not kept, j not pruned, or not one group."""
+        diagonal = self.h.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(self.h.dtype).tiny)
+        ratio = self.v / diagonal
+        numerator = self.r[:, None, :] + self.u * ratio[:, :, None]
+        denominator = self.c[:, None, :] + self.u * self.u / diagonal[:, :, None]
+        gain = torch.where(denominator > 1e-12 * scale, numerator * numerator / denominator.clamp_min(1e-300), 0.0)
+        delta = (self.v * ratio)[:, :, None] - gain
+        allowed = self.keep[:, :, None] & ~self.keep[:, None, :]
+        if group is not None:
+            blocks = torch.arange(len(self.gram), device=self.gram.device) // group
+            allowed &= blocks[:, None] == blocks[None, :]
+        return torch.where(allowed, delta, torch.inf)
+
+    def select(self, going_on: torch.Tensor) -> None:
+        for name in ("keep", "h", "v", "u", "r", "c", "error", "ids"):
+            setattr(self, name, getattr(self, name)[going_on])
+        self.rows = torch.arange(len(self.ids), device=self.ids.device)
+
+    def swap(self, i: torch.Tensor, j: torch.Tensor, delta: torch.Tensor) -> None:
+        """Drop i and add j in every row of the batch."""
+        self._drop(i)
+        self._add(j)
+        self.error += delta
+
+    def _drop(self, i):
+        rows = self.rows
+        h_i = self.h[rows, :, i]                           # [B, d]
+        h_ii = h_i[rows, i][:, None]
+        v_i, u_i = self.v[rows, i][:, None], self.u[rows, i, :]
+        self.h -= h_i[:, :, None] * (h_i / h_ii)[:, None, :]
+        self.v -= h_i * (v_i / h_ii)
+        self.u -= h_i[:, :, None] * (u_i / h_ii)[:, None, :]
+        self.c += u_i * u_i / h_ii
+        self.r += u_i * (v_i / h_ii)
+        self.keep[rows, i] = False
+        h_i[rows, i] = 0
+        self.u[rows, :, i] = -h_i / h_ii
+        self.c[rows, i], self.r[rows, i] = 1 / h_ii[:, 0], v_i[:, 0] / h_ii[:, 0]
+
+    def _add(self, j):
+        rows = self.rows
+        u_j = self.u[rows, :, j]                           # [B, d], zero outside S
+        c_j, r_j = self.c[rows, j][:, None], self.r[rows, j][:, None]
+        t = self.damped[j] - u_j @ self.gram               # [B, d]
+        self.h += u_j[:, :, None] * (u_j / c_j)[:, None, :]
+        self.h[rows, :, j] = -u_j / c_j
+        self.h[rows, j, :] = -u_j / c_j
+        self.h[rows, j, j] = 1 / c_j[:, 0]
+        self.v -= u_j * (r_j / c_j)
+        self.v[rows, j] = r_j[:, 0] / c_j[:, 0]
+        self.u -= u_j[:, :, None] * (t / c_j)[:, None, :]
+        self.u[rows, j, :] = t / c_j
+        self.c -= t * t / c_j
+        self.r -= t * (r_j / c_j)
+        self.keep[rows, j] = True
+
+
+_BYTES_PER_ENTRY = 8 * 8       # float64: H, U and the scan's temporaries, per (row, i, j)
+
+
+def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None, damping: float = 0.0,
+                    batch_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mask, swaps per row, whether each row reached a local optimum): best 1-swaps on the re-fitted error
+    for every row, batched, float64, on the inputs' device. λ = damping · mean(diag G) is added to the kept
+    block (0: the exact least-squares error; it must then be positive definite)."""
+    gram = gram.to(torch.float64)
+    damped = gram + damping * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    scale = float(gram.diagonal().max().clamp_min(torch.finfo(gram.dtype).tiny))
+    weight, mask = weight.to(torch.float64), keep.clone()
+    swaps = torch.zeros(len(weight), dtype=torch.long, device=weight.device)
+    converged = torch.zeros(len(weight), dtype=torch.bool, device=weight.device)
+    batch_rows = batch_rows or _batch_rows(len(gram), weight.device)
+    start = 0
+    while start < len(weight):
+        rows = slice(start, start + batch_rows)
+        try:
+            _refine(_Batch(weight[rows], gram, damped, keep[rows]), weight[rows], gram, group, scale, max_iters,
+                    mask[rows], swaps[rows], converged[rows])
+        except torch.cuda.OutOfMemoryError:
+            if batch_rows == 1:
+                raise
+            batch_rows = max(1, batch_rows // 2)       # the batch starts again from its warm start
+            mask[rows], swaps[rows], converged[rows] = keep[rows], 0, False
+            torch.cuda.empty_cache()
+            continue
+        start = rows.stop
+    return mask, swaps, converged
+
+
+def _refine(batch, weight, gram, group, scale, max_iters, mask, swaps, converged) -> None:
+    """Best improving swap of every row of the batch until none improves by more than a relative 1e-12."""
+    energy = (weight * (weight @ gram)).sum(1)
+    for _ in range(max_iters):
+        delta = batch.deltas(group, scale).flatten(1)
+        best, flat = delta.min(1).values, delta.argmin(1)          # first minimum: smallest i, then j
+        floor = _RELATIVE_GAIN * torch.maximum(batch.error, _RELATIVE_GAIN * energy[batch.ids])
+        improving = best < -floor
+        converged[batch.ids[~improving]] = True
+        mask[batch.ids[~improving]] = batch.keep[~improving]
+        if not bool(improving.any()):
+            return
+        if not bool(improving.all()):
+            batch.select(improving)
+            best, flat = best[improving], flat[improving]
+        d = len(gram)
+        batch.swap(flat // d, flat % d, best)
+        swaps[batch.ids] += 1
+    mask[batch.ids] = batch.keep
+
+
+def _batch_rows(d: int, device: torch.device) -> int:
+    budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 256 << 20
+    return max(1, budget // (_BYTES_PER_ENTRY * d * d))
+
+
 @register("refit_swaps")
 class RefitSwapsSolver(Solver):
-    """Best 1-swaps on the re-fitted error from a warm start (default: Wanda's mask); returns the mask and
-    its least-squares weights."""
+    """Best 1-swaps on the re-fitted error from a warm start (default: Wanda's mask), all rows at once on the
+    problem's device; returns the mask and its least-squares weights."""
 
     warm_start = True
     weights = True
 
-    def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0,
-              max_iters: int = 1000) -> Solution:
+    def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, max_iters: int = 1000,
+              damping: float = 0.0, batch_rows: int | None = None) -> Solution:
         from .refit import refit_weights
 
         if not isinstance(max_iters, int) or max_iters < 0:
             raise SolverError(f"refit_swaps needs a whole number max_iters >= 0, got {max_iters!r}")
+        if not damping >= 0:
+            raise SolverError(f"refit_swaps needs damping >= 0, got {damping!r}")
         start = warm_start if warm_start is not None else mask_from_scores(problem.wanda_scores(), problem.pattern)
-        gram = problem.gram.to(torch.float64)
         group = problem.pattern.m if isinstance(problem.pattern, NM) else None
-        rows, swaps, converged = [], 0, 0
-        for w, keep in zip(problem.weight.to(torch.float64), start):
-            mask, count, done = refit_swap_row(w, gram, keep, max_iters, group)
-            rows.append(mask)
-            swaps, converged = swaps + count, converged + done
-        mask = torch.stack(rows)
-        termination = Termination.LOCAL_OPTIMUM if converged == problem.rows else Termination.ITERATION_LIMIT
-        return Solution(mask, termination, weight=refit_weights(problem, mask, damping=0.0),
-                        extra={"swaps_total": swaps, "rows_converged": converged},
-                        message=f"{converged} of {problem.rows} rows at a local optimum of the re-fitted error")
+        try:
+            mask, swaps, converged = refit_swap_rows(problem.weight, problem.gram, start.to(problem.device),
+                                                     max_iters, group, damping, batch_rows)
+        except torch.linalg.LinAlgError as error:
+            raise SolverError(f"refit_swaps: the kept block of G is singular for some row ({error}); set damping "
+                              "> 0 (λ = damping · mean diag G is added to it), e.g. damping=1e-6") from error
+        rows_converged = int(converged.sum())
+        termination = Termination.LOCAL_OPTIMUM if rows_converged == problem.rows else Termination.ITERATION_LIMIT
+        return Solution(mask, termination, weight=refit_weights(problem, mask, damping=damping),
+                        extra={"swaps": swaps.cpu(), "swaps_total": int(swaps.sum()), "converged": converged.cpu(),
+                               "rows_converged": rows_converged},
+                        message=f"{rows_converged} of {problem.rows} rows at a local optimum of the re-fitted error")
