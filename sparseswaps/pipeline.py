@@ -167,10 +167,14 @@ def _prune_blocks(lazy, store, config, device, own: OwnSamples, desc, stop_after
 
 
 def _calibration_inputs(lazy: LazyModel, input_ids: torch.Tensor, device) -> tuple[list, list]:
-    """Block 0's inputs for every calibration window (on the GPU when they fit) and each block's kwargs."""
+    """Block 0's inputs for every calibration window (on the GPU when they fit) and each block's kwargs.
+
+    The embeddings and the rotary tables are computed on the CPU whatever `device` is: a GPU's cos and sin
+    round differently in the last bit, and the committed tables were calibrated with CPU tables
+    (benchmarks/README.md §12 says how this was found). This pass is only the embeddings."""
     hidden_size = lazy.model.config.get_text_config().hidden_size
     store = activation_device(device, input_ids.numel() * hidden_size * lazy.dtype.itemsize)
-    lazy.load_outer(device)
+    lazy.load_outer("cpu")
     try:
         inputs = capture_block_inputs(lazy.model, lazy.blocks, input_ids, store)
     finally:
