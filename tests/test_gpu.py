@@ -248,3 +248,21 @@ def test_speed_converts_a_two_four_model_and_keeps_its_perplexity(tmp_path):
     dense, sparse = result["measured"]["dense with zeros"], result["measured"]["2:4 semi-structured"]
     assert sparse["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-2)
     assert all(entry[phase]["tokens_per_s"] > 0 for entry in (dense, sparse) for phase in ("prefill", "decode"))
+
+
+@pytest.mark.parametrize("spec", [{"sparsity": 0.6}, {"pattern": "2:4"}])
+def test_refit_swaps_on_cuda_take_the_reference_swaps(spec):
+    """The batched, rank-one-updated refit_swaps on the GPU take exactly the swaps of the row-by-row
+    reference on the CPU, and end at its weights."""
+    from sparseswaps.solvers.refit_swaps import refit_swap_row
+
+    problem, _ = make_problem("outliers", rows=24, d=128, seed=7, tokens=512, **spec)
+    start = ss.solve(problem, "magnitude").mask
+    group = 4 if "pattern" in spec else None
+    expected = torch.stack([refit_swap_row(w, problem.gram.double(), keep, 1000, group)[0]
+                            for w, keep in zip(problem.weight.double(), start)])
+    result = ss.solve(problem.to("cuda"), "refit_swaps", warm_start=start.cuda())
+    assert result.termination == ss.Termination.LOCAL_OPTIMUM and result.extra["swaps_total"] > problem.rows
+    assert torch.equal(result.mask.cpu(), expected)
+    torch.testing.assert_close(result.weight.cpu(), ss.solve(problem, "refit", warm_start=expected, damping=0.0).weight,
+                               rtol=1e-6, atol=1e-8)

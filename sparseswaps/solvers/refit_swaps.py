@@ -199,7 +199,9 @@ def _refine(batch, weight, gram, group, scale, max_iters, mask, swaps, converged
 
 
 def _batch_rows(d: int, device: torch.device) -> int:
-    budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 256 << 20
+    """Rows whose state fits half the free GPU memory, at most 16 GiB (a scan streams the whole state, so
+    larger batches gain little and would crowd out other processes), or 256 MiB on the CPU."""
+    budget = min(torch.cuda.mem_get_info(device)[0] // 2, 16 << 30) if device.type == "cuda" else 256 << 20
     return max(1, budget // (_BYTES_PER_ENTRY * d * d))
 
 
