@@ -34,7 +34,8 @@ METHODS = {"magnitude": Method(None, "magnitude"), "wanda": Method(None, "wanda"
            "sparsegpt": Method(None, "sparsegpt"), "ria": Method(None, "ria"), "dsnot": Method("wanda", "dsnot"),
            "admm": Method(None, "admm"), "alps": Method(None, "alps"), "wanda+swaps": Method("wanda", "swaps"),
            "sparsegpt+refit": Method(None, "sparsegpt", True), "wanda+swaps+refit": Method("wanda", "swaps", True),
-           "alps+refit_swaps": Method("alps", "refit_swaps", options={"damping": 1e-6})}
+           "alps+refit_swaps": Method("alps", "refit_swaps", options={"damping": 1e-6}),
+           "alps+refit_swaps20": Method("alps", "refit_swaps", options={"damping": 1e-6, "max_iters": 20})}
 
 
 def method_config(method: str, target: str, **fields) -> PruneConfig:

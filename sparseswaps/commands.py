@@ -113,6 +113,9 @@ def summary_table(results: dict) -> str:
     if summary["mean_reduction"] is not None:
         lines.append(f"mean per-layer error reduction over the warm start: {summary['mean_reduction']:.1%} "
                      f"({summary['total_swaps']} swaps, {summary['pruning_seconds']:.0f} s pruning)")
+    if summary.get("mean_relative_reconstruction_error") is not None:
+        lines.append(f"mean per-layer error with the new weights, relative to the dense output: "
+                     f"{summary['mean_relative_reconstruction_error']:.2%}")
     if summary.get("rows_converged"):
         converged = summary["rows_converged"]
         lines.append(f"rows at a 1-swap local optimum: {converged['converged']} of {converged['rows']} "

@@ -19,6 +19,7 @@ def results_report(config, model_info, store, calibration, perplexity, seconds, 
     measured = {timing["block"]: timing for timing in timings}
     blocks = [measured.get(record["block"], {"block": record["block"], **record["timings"]}) for record in store.records]
     reductions = [row["reduction"] for row in layers if row["reduction"] is not None]
+    refitted = [row["relative_reconstruction_error"] for row in layers if "relative_reconstruction_error" in row]
     return {
         "config": dataclasses.asdict(config),
         "model": model_info,
@@ -28,6 +29,7 @@ def results_report(config, model_info, store, calibration, perplexity, seconds, 
         "perplexity": perplexity,
         "summary": {"layers": len(layers),
                     "mean_reduction": sum(reductions) / len(reductions) if reductions else None,
+                    "mean_relative_reconstruction_error": sum(refitted) / len(refitted) if refitted else None,
                     "total_swaps": sum(row["swaps"] or 0 for row in layers),
                     "rows_converged": _rows_converged(layers),
                     "pruning_seconds": seconds, **peak_memory(device)},
@@ -38,7 +40,7 @@ def results_report(config, model_info, store, calibration, perplexity, seconds, 
 
 
 def _rows_converged(layers: list[dict]) -> dict | None:
-    """Rows that reached a 1-swap local optimum before the scan cap, over all rows (swaps solver only)."""
+    """Rows that reached a 1-swap local optimum before the scan cap, over all rows (swap solvers only)."""
     counted = [row for row in layers if row.get("rows_converged") is not None]
     if not counted:
         return None

@@ -282,7 +282,7 @@ def _solve_rows(problem: MaskProblem, config) -> tuple[dict, dict]:
         runtime += refitted.runtime_s
         chain = [*chain, "refit"]
     meta = {"chain": chain, "termination": result.termination.value, "runtime_s": runtime,
-            "scan_dtype": result.extra.get("dtype")}
+            "scan_dtype": result.extra.get("dtype"), "solver_weights": result.weight is not None}
     return {key: value for key, value in rows.items() if value is not None}, meta
 
 
@@ -296,18 +296,21 @@ def _gathered(parts: list[tuple[dict, dict]], slices: list[range], ranks: Ranks)
             for key in keys}
     meta = {"chain": metas[0]["chain"], "runtime_s": sum(m["runtime_s"] for m in metas),
             "termination": ",".join(dict.fromkeys(m["termination"] for m in metas)),
-            "scan_dtype": metas[0]["scan_dtype"]}
+            "scan_dtype": metas[0]["scan_dtype"], "solver_weights": metas[0]["solver_weights"]}
     return rows, meta
 
 
 def _report_row(name, weight, names, problem, rows, meta, span, dense_energy) -> dict:
     objective = float(rows["objective"][span].sum())
     warm_objective = float(rows["warm"][span].sum()) if "warm" in rows else None
+    energy = float(dense_energy[span].sum())
+    # A solver that re-fits the weights trades the mask-only error for the re-fitted one: no mask reduction.
+    mask_reduction = warm_objective and not meta["solver_weights"]
     row = {"layer": name, "shape": list(weight.shape), "pattern": str(problem.pattern),
            "solver": "+".join(meta["chain"]), "objective": objective,
-           "relative_error": objective / float(dense_energy[span].sum()),
+           "relative_error": objective / energy,
            "warm_start_objective": warm_objective,
-           "reduction": None if not warm_objective else 1 - objective / warm_objective,
+           "reduction": 1 - objective / warm_objective if mask_reduction else None,
            "swaps": int(rows["swaps"][span].sum()) if "swaps" in rows else None,
            "rows_converged": int(rows["converged"][span].sum()) if "converged" in rows else None,
            "termination": meta["termination"],
@@ -315,6 +318,7 @@ def _report_row(name, weight, names, problem, rows, meta, span, dense_energy) ->
            "shares_input_with": [other for other in names if other != name]}
     if "reconstruction" in rows:
         row["reconstruction_error"] = float(rows["reconstruction"][span].sum())
+        row["relative_reconstruction_error"] = row["reconstruction_error"] / energy
     if meta["scan_dtype"] is not None:
         row["scan_dtype"] = meta["scan_dtype"]
     return row

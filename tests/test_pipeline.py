@@ -252,5 +252,8 @@ def test_refit_swaps_from_alps_lower_every_first_block_error(tmp_path):
     assert first["alps"].keys() == first["refit_swaps"].keys()
     for layer, row in first["refit_swaps"].items():
         assert row["solver"] == "alps+refit_swaps" and row["rows_converged"] == row["shape"][0]
+        assert row["reduction"] is None         # the mask-only error is not what a re-fitting solver lowers
         assert row["reconstruction_error"] <= first["alps"][layer]["reconstruction_error"] * (1 + 1e-6), layer
     assert sum(row["swaps"] for row in first["refit_swaps"].values()) > 0
+    summary = runs["refit_swaps"]["summary"]
+    assert summary["mean_reduction"] is None and 0 < summary["mean_relative_reconstruction_error"] < 1
