@@ -171,7 +171,7 @@ def _calibration_inputs(lazy: LazyModel, input_ids: torch.Tensor, device) -> tup
 
     The embeddings and the rotary tables are computed on the CPU whatever `device` is: a GPU's cos and sin
     round differently in the last bit, and the committed tables were calibrated with CPU tables
-    (benchmarks/README.md §12 says how this was found). This pass is only the embeddings."""
+    (benchmarks/README.md §8 says how this was found). This pass is only the embeddings."""
     hidden_size = lazy.model.config.get_text_config().hidden_size
     store = activation_device(device, input_ids.numel() * hidden_size * lazy.dtype.itemsize)
     lazy.load_outer("cpu")

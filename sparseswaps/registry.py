@@ -34,6 +34,7 @@ BUILTIN_SOLVERS = {
     "bruteforce_refit": "sparseswaps.solvers.bruteforce",
     "scip": "sparseswaps.solvers.scip",
     "highs": "sparseswaps.solvers.highs",
+    "scip_refit": "sparseswaps.solvers.scip_refit",
 }
 
 _REGISTRY: dict[str, type] = {}
@@ -246,7 +247,7 @@ def _solve_one(problem, solver, warm_start, time_limit, seed, options) -> SolveR
                        options={"time_limit": time_limit, "seed": seed, **options},
                        bound=bound, row_bound=row_bound, extra=solution.extra, weight=weight,
                        row_weight_objective=None if weight is None else problem.reconstruction_error(weight),
-                       message=solution.message)
+                       message=solution.message, row_weight_bound=solution.row_weight_bound)
 
 
 def _check_weight(problem: MaskProblem, mask: torch.Tensor, weight, name: str) -> torch.Tensor | None:

@@ -40,6 +40,7 @@ class Solution:
     extra: dict = field(default_factory=dict)
     weight: torch.Tensor | None = None         # re-fitted weights, zero outside the mask (weight-updating solvers)
     message: str = ""                          # why it stopped, in words (e.g. rows per sub-solver status)
+    row_weight_bound: torch.Tensor | None = None   # valid per-row lower bounds on the masks-and-weights optimum
 
 
 @dataclass
@@ -58,6 +59,7 @@ class SolveResult:
     weight: torch.Tensor | None = None             # re-fitted kept weights (None: the mask keeps w as it is)
     row_weight_objective: torch.Tensor | None = None   # float64 [rows]: (w - weight)ᵀ G (w - weight)
     message: str = ""
+    row_weight_bound: torch.Tensor | None = None       # float64 [rows]: lower bounds on the weight_objective optimum
 
     @property
     def status(self) -> SolutionStatus:
@@ -77,6 +79,15 @@ class SolveResult:
             return math.inf
         return max(0.0, (self.objective - self.bound) / self.objective)
 
+    @property
+    def weight_gap(self) -> float | None:
+        """(weight_objective - its bound) / weight_objective, for solvers that bound masks and weights together."""
+        if self.row_weight_bound is None or self.weight_objective is None:
+            return None
+        if self.weight_objective == 0:
+            return 0.0
+        return max(0.0, (self.weight_objective - float(self.row_weight_bound.sum())) / self.weight_objective)
+
     def summary(self) -> dict:
         """JSON-ready description (no tensors)."""
         return {
@@ -87,6 +98,7 @@ class SolveResult:
             "message": self.message,
             "objective": self.objective,
             "weight_objective": self.weight_objective,
+            "weight_gap": None if self.weight_gap is None else _json_float(self.weight_gap),
             "bound": _json_float(self.bound),
             "gap": _json_float(self.gap),
             "runtime_s": self.runtime_s,
@@ -106,6 +118,8 @@ class SolveResult:
             tensors["row_weight_objective"] = self.row_weight_objective.cpu()
         if self.row_bound is not None:
             tensors["row_bound"] = self.row_bound.cpu().to(torch.float64)
+        if self.row_weight_bound is not None:
+            tensors["row_weight_bound"] = self.row_weight_bound.cpu().to(torch.float64)
         write_safetensors_atomic(path.with_suffix(".safetensors"), tensors)
         write_json_atomic(path.with_suffix(".json"), self.summary())
 
@@ -121,7 +135,9 @@ class SolveResult:
                    termination=Termination(meta["termination"]), runtime_s=meta["runtime_s"],
                    solver=meta["solver"], solver_version=meta["solver_version"], options=meta["options"],
                    bound=-math.inf if bound is None else bound, row_bound=tensors.get("row_bound"),
-                   extra=meta["extra"])
+                   extra=meta["extra"], weight=tensors.get("weight"),
+                   row_weight_objective=tensors.get("row_weight_objective"), message=meta.get("message", ""),
+                   row_weight_bound=tensors.get("row_weight_bound"))
 
 
 def _json_float(value: float) -> float | None:

@@ -22,6 +22,7 @@ SOLVER_CASES = {
     "bruteforce_refit": {},
     "scip": {"time_limit": 60},
     "highs": {"time_limit": 60},
+    "scip_refit": {"row_time_limit": 60},
 }
 EXACT = {"bruteforce", "scip", "highs"}
 REL = 1e-9

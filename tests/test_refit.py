@@ -189,6 +189,31 @@ def test_refit_swaps_on_a_singular_kept_block_ask_for_damping():
     assert dead.is_feasible(result.mask) and torch.isfinite(result.weight).all()
 
 
+@pytest.mark.parametrize("spec", [{"sparsity": 0.5}, {"sparsity": 0.7}, {"pattern": "2:4"}])
+def test_scip_refit_reaches_the_masks_and_weights_optimum_with_a_bound(spec):
+    """SCIP's MIQP of masks and weights together ends at the brute-force optimum of weight_objective, with a
+    valid bound on it within its relative gap, from a poor incumbent too."""
+    pytest.importorskip("pyscipopt")
+    for family in ("correlated", "outliers"):
+        problem, _ = make_problem(family, rows=3, d=12, seed=2, tokens=48, **spec)
+        optimum = ss.solve(problem, "bruteforce_refit")
+        for start in (None, ss.solve(problem, "magnitude").mask):
+            result = ss.solve(problem, "scip_refit", warm_start=start, row_time_limit=60)
+            assert result.termination in (ss.Termination.OPTIMAL, ss.Termination.GAP_LIMIT), result.message
+            torch.testing.assert_close(result.row_weight_objective, optimum.row_weight_objective, rtol=1e-8, atol=0)
+            assert (result.row_weight_bound <= optimum.row_weight_objective * (1 + 1e-12)).all()
+            assert result.weight_gap <= 1e-6 and result.row_bound is None   # SCIP's tolerances, given away
+
+
+def test_scip_refit_refuses_a_singular_gram():
+    pytest.importorskip("pyscipopt")
+    problem, _ = make_problem("correlated", rows=2, d=12, seed=1, tokens=48, sparsity=0.5)
+    gram = problem.gram.clone()
+    gram[3], gram[:, 3] = 0, 0
+    with pytest.raises(SolverError, match="singular"):
+        ss.solve(ss.MaskProblem(problem.weight, gram, sparsity=0.5), "scip_refit")
+
+
 def reference_alps_nm(W, XtX, nm_n, nm_m, rho=0.1, max_iter=300, update_iter=3, switch_iter=30):
     """mazumder-lab/ALPS alps.py, ALPS_prune.ALPS_admm, its N:M branch line for line in float64 on the CPU
     (nm_n kept of every nm_m), up to the final projection; returns the keep mask [rows, d]."""

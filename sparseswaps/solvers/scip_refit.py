@@ -1,0 +1,158 @@
+"""`scip_refit`: masks and weights together as an exact MIQP through SCIP, row by row.
+
+Per row: min over prune indicators p (binary, the pattern's count per row or N:M group) and kept weights v of
+(w - v)ᵀ G (w - v), with v_i = 0 wherever p_i = 1 (best-subset regression). Epigraph form, as `scip`:
+    min t   s.t.  r = Fᵀ (w - v) / √scale,  t >= ||r||²,  p_i = 1  =>  v_i = 0  (two indicator constraints),
+with F Fᵀ = G and `scale` the incumbent's error E₀, so SCIP works near 1. The link p_i = 1 => v_i = 0 is a
+big-M constraint |v_i| <= M_i (1 - p_i) with M_i = |w_i| + sqrt(E₀ [G⁻¹]_ii): every v at least as good as the
+incumbent lies in the ellipsoid (w - v)ᵀ G (w - v) <= E₀, whose extent along axis i that is, so the optimum
+is never cut off (indicator constraints alone left SCIP's relaxation at 0). G must be positive definite.
+The warm start (default: Wanda refined by `refit_swaps`) with its least-squares weights is SCIP's first
+incumbent. SCIP's outer approximation of t >= ||r||² closes the last 1e-9 of a gap slowly, so the default
+relative gap is 1e-8 (rows end `gap_limit`, proven within it; `gap=0` asks for more). The returned weights
+are the exact least squares on SCIP's mask (`refit`, undamped), and
+`row_weight_bound` is SCIP's dual bound less its feasibility tolerance, in original units: the bound on the
+masks-and-weights optimum (`SolveResult.weight_gap`), not on the mask-only objective.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sparseswaps import MaskProblem, Solution, SolverError, register
+
+from .exact import (ExactSolver, RowOutcome, assemble, deadline_of, map_rows, prune_groups, psd_factor,
+                    within_budget)
+from .scip import row_status
+
+# SCIP's feasibility tolerance: at the mask-only solver's 1e-9, its LP solver fails on some rows (the continuous
+# weights with their big-M links); 1e-8 solved every test row. The bound gives this much away.
+_FEASTOL = 1e-8
+
+
+@dataclass
+class RefitRowModel:
+    """One row of the masks-and-weights problem for SCIP."""
+
+    w: np.ndarray            # row weights, float64
+    gram: np.ndarray
+    factor: np.ndarray       # F with F Fᵀ = G
+    groups: list
+    incumbent: np.ndarray    # prune indicators of the warm start (bool)
+
+    def reach(self, error: float) -> np.ndarray:
+        """|w_i - v_i| <= sqrt(error · [G⁻¹]_ii) for every v with (w - v)ᵀ G (w - v) <= error: the extent of
+        that ellipsoid along each axis. Valid bounds for any solution at least as good as the incumbent."""
+        return np.sqrt(error * np.diag(np.linalg.inv(self.gram)).clip(min=0))
+
+    def least_squares(self, prune: np.ndarray) -> tuple[np.ndarray, float]:
+        """(v, error) of the least-squares weights on the kept entries (lstsq: exact for a singular block)."""
+        kept = ~prune
+        v = np.zeros_like(self.w)
+        v[kept] = np.linalg.lstsq(self.gram[np.ix_(kept, kept)], (self.gram @ self.w)[kept], rcond=None)[0]
+        residual = self.w - v
+        return v, float(residual @ self.gram @ residual)
+
+
+@within_budget
+def _solve_row(model: RefitRowModel, time_limit, gap, seed, params) -> RowOutcome:
+    from pyscipopt import Model, quicksum
+
+    started = time.perf_counter()
+    start_v, start_error = model.least_squares(model.incumbent)
+    scale = start_error if start_error > 0 else 1.0
+    factor = model.factor / np.sqrt(scale)
+    scip = Model()
+    scip.hideOutput()
+    scip.setParam("limits/gap", gap)
+    scip.setParam("randomization/randomseedshift", seed)
+    scip.setParam("numerics/feastol", _FEASTOL)
+    if time_limit is not None:
+        scip.setParam("limits/time", time_limit)
+    for name, value in params.items():
+        scip.setParam(name, value)
+    d, rank = factor.shape
+    p = [scip.addVar(vtype="B", name=f"p{i}") for i in range(d)]
+    v = [scip.addVar(lb=None, name=f"v{i}") for i in range(d)]
+    r = [scip.addVar(lb=None, name=f"r{k}") for k in range(rank)]
+    t = scip.addVar(lb=0, name="t")
+    target = factor.T @ model.w
+    for k in range(rank):
+        scip.addCons(r[k] + quicksum(factor[i, k] * v[i] for i in range(d) if factor[i, k] != 0) == target[k])
+    scip.addCons(quicksum(rk * rk for rk in r) <= t)
+    reach = model.reach(start_error)
+    for i in range(d):      # big-M links with M from the incumbent's error: they cannot cut off the optimum
+        scip.chgVarLb(v[i], model.w[i] - reach[i])
+        scip.chgVarUb(v[i], model.w[i] + reach[i])
+        big = abs(model.w[i]) + reach[i]
+        scip.addCons(v[i] <= big * (1 - p[i]))
+        scip.addCons(-v[i] <= big * (1 - p[i]))
+    for indices, pruned in model.groups:
+        scip.addCons(quicksum(p[i] for i in indices) == pruned)
+    scip.setObjective(t, "minimize")
+    _add_incumbent(scip, (p, v, r, t), model.incumbent, start_v, factor, target)
+    scip.optimize()
+    best = scip.getBestSol()
+    prune = np.array([scip.getSolVal(best, x) > 0.5 for x in p]) if scip.getNSols() else model.incumbent
+    dual = scip.getDualbound()
+    bound = max(0.0, (dual - _FEASTOL * max(1.0, abs(dual))) * scale)
+    ours, message = row_status(scip.getStatus(), gap)
+    return RowOutcome(prune=prune, bound=min(bound, model.least_squares(prune)[1]), status=ours,
+                      nodes=int(scip.getNNodes()), seconds=time.perf_counter() - started, message=message)
+
+
+def _add_incumbent(scip, variables, prune, v_values, factor, target) -> None:
+    p, v, r, t = variables
+    residual = target - factor.T @ v_values
+    solution = scip.createSol()
+    for variable, value in zip(p, prune):
+        scip.setSolVal(solution, variable, float(value))
+    for variable, value in zip(v, v_values):
+        scip.setSolVal(solution, variable, float(value))
+    for variable, value in zip(r, residual):
+        scip.setSolVal(solution, variable, float(value))
+    scip.setSolVal(solution, t, float(residual @ residual))
+    scip.addSol(solution, free=True)
+
+
+def row_models(problem: MaskProblem, warm_start: torch.Tensor) -> list[RefitRowModel]:
+    gram = problem.gram.detach().cpu().to(torch.float64).numpy()
+    factor = psd_factor(gram)
+    groups = prune_groups(problem.d, problem.pattern)
+    prune = (~warm_start).cpu().numpy()
+    return [RefitRowModel(w=w, gram=gram, factor=factor, groups=groups, incumbent=p)
+            for w, p in zip(problem.weight.detach().cpu().to(torch.float64).numpy(), prune)]
+
+
+@register("scip_refit")
+class ScipRefitSolver(ExactSolver):
+    """Masks and weights together, exact through SCIP: the optimum of weight_objective (with a bound on it),
+    for small rows. Its mask-only objective is not minimal."""
+
+    package = "pyscipopt"
+    exact = False            # exact for masks and weights together; the mask-only objective is not minimised
+    gives_bound = False      # the bound is on weight_objective (row_weight_bound), not on the mask objective
+    weights = True
+
+    def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, gap: float = 1e-8,
+              workers: int = 1, row_time_limit: float | None = None, scip_params: dict | None = None,
+              executor: str = "process") -> Solution:
+        from sparseswaps import solve
+        from .refit import refit_weights
+
+        if int(torch.linalg.cholesky_ex(problem.gram.to(torch.float64)).info) != 0:
+            raise SolverError("scip_refit bounds the weights by G's inverse, and this G is singular (a dead or "
+                              "repeated input): drop those inputs or add damping to G before solving")
+        deadline = deadline_of(time_limit)
+        incumbent = warm_start if warm_start is not None else solve(problem, ["wanda", "refit_swaps"]).mask
+        tasks = [(model, row_time_limit, deadline, gap, seed, dict(scip_params or {}))
+                 for model in row_models(problem, incumbent)]
+        solution = assemble(problem, map_rows(_solve_row, tasks, workers, executor),
+                            {"row_time_limit": row_time_limit})
+        solution.row_weight_bound, solution.row_bound = solution.row_bound, None
+        solution.weight = refit_weights(problem, solution.mask, damping=0.0)
+        solution.message = f"masks and weights together (weight_objective); {solution.message}"
+        return solution
