@@ -8,11 +8,13 @@ took on this machine. Layer-wise only: what a full model gains is the full-model
     python benchmarks/experiments/export_layers.py --out layers.safetensors
     python benchmarks/bench_weights.py --layers layers.safetensors --out benchmarks/results/weights_layers_cpu.json
     python benchmarks/bench_weights.py --oracle --out benchmarks/results/weights_gaps_d12_cpu.json
+    python benchmarks/bench_weights.py --oracle --scip-d 24 --workers 2 --out benchmarks/results/weights_gaps_d24_scip_cpu.json
     python benchmarks/bench_weights.py --layers layers.safetensors --refit-swaps-max-d 576 \
         --out benchmarks/results/weights_layers_refit_swaps_cpu.json
 
 `--oracle`: synthetic rows of 12 inputs (the test families), every chain's gap to the proven optimum of
-masks and weights together (`bruteforce_refit`): mean over rows of (error - optimum) / optimum.
+masks and weights together (`bruteforce_refit`): mean over rows of (error - optimum) / optimum. With
+`--scip-d 24`, the real 24-input SmolLM2 rows against `scip_refit`'s bound instead.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ from sparseswaps.provenance import environment  # noqa: E402
 
 CHAINS = [["wanda"], ["wanda", "refit"], ["wanda", "swaps"], ["wanda", "swaps", "refit"], ["sparsegpt"],
           ["sparsegpt", "refit"], ["admm"], ["admm", "refit"], ["alps"]]
-# 1-swaps on the re-fitted error cost O(k² (d - k)) per row and scan: the oracle instances only
-ORACLE_CHAINS = CHAINS + [["wanda", "swaps", "refit_swaps"], ["admm", "refit_swaps"]]
+# 1-swaps on the re-fitted error: on the oracle instances, and on layers with --refit-swaps-max-d
+ORACLE_CHAINS = CHAINS + [["wanda", "swaps", "refit_swaps"], ["admm", "refit_swaps"], ["alps", "refit_swaps"]]
 TARGETS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "2:4": {"pattern": "2:4"}}
 SWAPS = {"max_iters": 1000, "swaps_per_scan": 16}     # to a 1-swap local optimum (per-row patterns)
 
@@ -70,32 +72,57 @@ def oracle_instances():
     (21 instances of 2 rows, pooled under one label)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import make_problem
-    from sparseswaps.instances import load_instances
 
     for family in ("iid", "correlated", "outliers"):
         for target, spec in TARGETS.items():
             yield f"{family} d=12", target, make_problem(family, rows=32, d=12, seed=0, tokens=48, **spec)[0]
-    real = [i for i in load_instances(Path(__file__).resolve().parent / "instances" / "smollm2") if i.d == 16]
+    yield from real_instances(16)
+
+
+def real_instances(d: int):
+    """(label, target, problem) of the real d-input SmolLM2 sub-layers (21 instances of 2 rows each)."""
+    from sparseswaps.instances import load_instances
+
+    real = [i for i in load_instances(Path(__file__).resolve().parent / "instances" / "smollm2") if i.d == d]
     for target in TARGETS:
         for instance in real:
-            yield "SmolLM2 real d=16", target, instance.problem(target)
+            yield f"SmolLM2 real d={d}", target, instance.problem(target)
 
 
-def oracle_gaps() -> list[dict]:
+def scip_reference(problem: ss.MaskProblem, results: list[ss.SolveResult], row_time_limit: float,
+                   workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SCIP's lower bound on each row's masks-and-weights optimum, whether it is proven within 1e-6), SCIP
+    started from each row's best chain."""
+    errors = torch.stack([r.row_weight_objective if r.weight is not None else r.row_objective for r in results])
+    best = errors.argmin(0)
+    start = torch.stack([results[int(k)].mask[row] for row, k in enumerate(best)])
+    exact = ss.solve(problem, "scip_refit", warm_start=start, row_time_limit=row_time_limit, workers=workers)
+    bound = exact.row_weight_bound
+    return bound, (exact.row_weight_objective - bound) <= 1e-6 * exact.row_weight_objective
+
+
+def oracle_gaps(instances, scip_row_time_limit: float | None = None, workers: int = 1) -> list[dict]:
+    """Every chain's gap per row: to the brute-force optimum, or with `scip_row_time_limit` to SCIP's bound
+    (an upper bound on the gap; equal to it within 1e-6 on the rows SCIP proves)."""
     pooled: dict[tuple, list] = {}
-    for label, target, problem in oracle_instances():
-        optimum = ss.solve(problem, "bruteforce_refit").row_weight_objective
-        for chain in ORACLE_CHAINS:
-            result = run_chain(problem, chain)
+    for label, target, problem in instances:
+        results = [run_chain(problem, chain) for chain in ORACLE_CHAINS]
+        if scip_row_time_limit is None:
+            reference, proven = ss.solve(problem, "bruteforce_refit").row_weight_objective, None
+        else:
+            reference, proven = scip_reference(problem, results, scip_row_time_limit, workers)
+        for chain, result in zip(ORACLE_CHAINS, results):
             error = result.row_weight_objective if result.weight is not None else result.row_objective
-            gaps = (error - optimum) / optimum.clamp_min(torch.finfo(torch.float64).tiny)
-            entry = pooled.setdefault((label, target, "+".join(chain)), [[], 0.0])
+            gaps = (error - reference) / reference.clamp_min(torch.finfo(torch.float64).tiny)
+            entry = pooled.setdefault((label, target, "+".join(chain)), [[], 0.0, 0])
             entry[0] += gaps.tolist()
             entry[1] += result.runtime_s
+            entry[2] += len(gaps) if proven is None else int(proven.sum())
     rows = []
-    for (label, target, chain), (gaps, seconds) in pooled.items():
+    for (label, target, chain), (gaps, seconds, proven) in pooled.items():
         rows.append({"layer": label, "target": target, "chain": chain, "relative_error": sum(gaps) / len(gaps),
-                     "rows_at_optimum": sum(gap < 1e-9 for gap in gaps), "rows": len(gaps), "seconds": seconds})
+                     "rows_at_optimum": sum(gap < 1e-9 for gap in gaps), "rows": len(gaps), "rows_proven": proven,
+                     "seconds": seconds})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -123,6 +150,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=Path, help="from benchmarks/experiments/export_layers.py")
     parser.add_argument("--oracle", action="store_true", help="gaps to the brute-force optimum on 12-input rows")
+    parser.add_argument("--scip-d", type=int, default=0,
+                        help="with --oracle: instead, the real SmolLM2 rows of this width against SCIP's bound")
+    parser.add_argument("--row-time-limit", type=float, default=120.0, help="SCIP's seconds per row (--scip-d)")
+    parser.add_argument("--workers", type=int, default=1, help="SCIP rows solved in parallel (--scip-d)")
     parser.add_argument("--refit-swaps-max-d", type=int, default=0,
                         help="instead of the main chains, the refit_swaps chains on layers this narrow or narrower")
     parser.add_argument("--targets", default="50%,2:4", help="with --refit-swaps-max-d")
@@ -130,8 +161,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.oracle == (args.layers is not None):
         parser.error("give either --layers or --oracle")
-    if args.oracle:
-        rows = oracle_gaps()
+    if args.oracle and args.scip_d:
+        rows = oracle_gaps(real_instances(args.scip_d), args.row_time_limit, args.workers)
+        proven = {(r["layer"], r["target"]): (r["rows_proven"], r["rows"]) for r in rows}
+        note = ("\n\nMean over rows of (error - bound) / bound, the bound on the optimum of masks and weights from "
+                f"scip_refit ({args.row_time_limit:g} s per row, started from each row's best chain): an upper bound "
+                "on the gap, equal to it within 1e-6 on the rows SCIP proved (" +
+                ", ".join(f"{target} {p} of {n}" for (_, target), (p, n) in proven.items()) + ").")
+    elif args.oracle:
+        rows = oracle_gaps(oracle_instances())
         note = "\n\nMean over rows of (error - optimum) / optimum, the optimum of masks and weights from bruteforce_refit."
     else:
         tensors = load_file(str(args.layers))

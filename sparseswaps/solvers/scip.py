@@ -41,24 +41,38 @@ def row_status(scip_status: str, gap: float) -> tuple[str, str]:
     return Termination.ERROR.value, f"SCIP stopped with status {scip_status!r}"
 
 
+def new_model(time_limit, gap: float, seed: int, params: dict):
+    """A quiet SCIP model with the row's limits, seed and parameters."""
+    from pyscipopt import Model
+
+    scip = Model()
+    scip.hideOutput()
+    scip.setParam("limits/gap", gap)
+    scip.setParam("randomization/randomseedshift", seed)
+    if time_limit is not None:
+        scip.setParam("limits/time", time_limit)
+    for name, value in params.items():
+        scip.setParam(name, value)
+    return scip
+
+
+def dual_bound(scip, scale: float, feastol: float) -> float:
+    """SCIP's dual bound less its feasibility tolerance (the epigraph constraint may be violated by that
+    much), in original units."""
+    dual = scip.getDualbound()
+    return max(0.0, (dual - feastol * max(1.0, abs(dual))) * scale)
+
+
 @within_budget
 def _solve_row(model, time_limit, gap, seed, params) -> RowOutcome:
-    from pyscipopt import Model, quicksum
+    from pyscipopt import quicksum
 
     started = time.perf_counter()
     scale = objective_scale(model)
     factor = model.factor / np.sqrt(scale)
     linear = model.linear / scale
-    scip = Model()
-    scip.hideOutput()
-    scip.setParam("limits/gap", gap)
-    scip.setParam("randomization/randomseedshift", seed)
-    scip.setParam("separating/aggregation/freq", -1)
-    scip.setParam("numerics/feastol", _FEASTOL)
-    if time_limit is not None:
-        scip.setParam("limits/time", time_limit)
-    for name, value in params.items():
-        scip.setParam(name, value)
+    scip = new_model(time_limit, gap, seed, {"separating/aggregation/freq": -1, "numerics/feastol": _FEASTOL,
+                                             **params})
     d, rank = factor.shape
     p = [scip.addVar(vtype="B", name=f"p{i}") for i in range(d)]
     r = [scip.addVar(lb=None, name=f"r{k}") for k in range(rank)]
@@ -74,8 +88,7 @@ def _solve_row(model, time_limit, gap, seed, params) -> RowOutcome:
     status = scip.getStatus()
     best = scip.getBestSol()
     prune = np.array([scip.getSolVal(best, v) > 0.5 for v in p]) if scip.getNSols() else model.incumbent
-    dual = scip.getDualbound()
-    bound = max(0.0, (dual - _FEASTOL * max(1.0, abs(dual))) * scale)
+    bound = dual_bound(scip, scale, _FEASTOL)
     ours, message = row_status(status, gap)
     return RowOutcome(prune=prune, bound=min(bound, model.value(prune)), status=ours, nodes=int(scip.getNNodes()),
                       seconds=time.perf_counter() - started, message=message)
@@ -83,12 +96,15 @@ def _solve_row(model, time_limit, gap, seed, params) -> RowOutcome:
 
 def _add_incumbent(scip, p, r, t, factor, prune) -> None:
     values = factor.T @ prune.astype(np.float64)
+    add_solution(scip, [(p, prune), (r, values), ([t], [values @ values])])
+
+
+def add_solution(scip, assignments) -> None:
+    """Hand SCIP a solution: (variables, values) pairs covering every variable."""
     solution = scip.createSol()
-    for variable, value in zip(p, prune):
-        scip.setSolVal(solution, variable, float(value))
-    for variable, value in zip(r, values):
-        scip.setSolVal(solution, variable, float(value))
-    scip.setSolVal(solution, t, float(values @ values))
+    for variables, values in assignments:
+        for variable, value in zip(variables, values):
+            scip.setSolVal(solution, variable, float(value))
     scip.addSol(solution, free=True)
 
 

@@ -26,7 +26,7 @@ from sparseswaps import MaskProblem, Solution, SolverError, register
 
 from .exact import (ExactSolver, RowOutcome, assemble, deadline_of, map_rows, prune_groups, psd_factor,
                     within_budget)
-from .scip import row_status
+from .scip import add_solution, dual_bound, new_model, row_status
 
 # SCIP's feasibility tolerance: at the mask-only solver's 1e-9, its LP solver fails on some rows (the continuous
 # weights with their big-M links); 1e-8 solved every test row. The bound gives this much away.
@@ -59,21 +59,13 @@ class RefitRowModel:
 
 @within_budget
 def _solve_row(model: RefitRowModel, time_limit, gap, seed, params) -> RowOutcome:
-    from pyscipopt import Model, quicksum
+    from pyscipopt import quicksum
 
     started = time.perf_counter()
     start_v, start_error = model.least_squares(model.incumbent)
     scale = start_error if start_error > 0 else 1.0
     factor = model.factor / np.sqrt(scale)
-    scip = Model()
-    scip.hideOutput()
-    scip.setParam("limits/gap", gap)
-    scip.setParam("randomization/randomseedshift", seed)
-    scip.setParam("numerics/feastol", _FEASTOL)
-    if time_limit is not None:
-        scip.setParam("limits/time", time_limit)
-    for name, value in params.items():
-        scip.setParam(name, value)
+    scip = new_model(time_limit, gap, seed, {"numerics/feastol": _FEASTOL, **params})
     d, rank = factor.shape
     p = [scip.addVar(vtype="B", name=f"p{i}") for i in range(d)]
     v = [scip.addVar(lb=None, name=f"v{i}") for i in range(d)]
@@ -97,8 +89,7 @@ def _solve_row(model: RefitRowModel, time_limit, gap, seed, params) -> RowOutcom
     scip.optimize()
     best = scip.getBestSol()
     prune = np.array([scip.getSolVal(best, x) > 0.5 for x in p]) if scip.getNSols() else model.incumbent
-    dual = scip.getDualbound()
-    bound = max(0.0, (dual - _FEASTOL * max(1.0, abs(dual))) * scale)
+    bound = dual_bound(scip, scale, _FEASTOL)
     ours, message = row_status(scip.getStatus(), gap)
     return RowOutcome(prune=prune, bound=min(bound, model.least_squares(prune)[1]), status=ours,
                       nodes=int(scip.getNNodes()), seconds=time.perf_counter() - started, message=message)
@@ -107,15 +98,7 @@ def _solve_row(model: RefitRowModel, time_limit, gap, seed, params) -> RowOutcom
 def _add_incumbent(scip, variables, prune, v_values, factor, target) -> None:
     p, v, r, t = variables
     residual = target - factor.T @ v_values
-    solution = scip.createSol()
-    for variable, value in zip(p, prune):
-        scip.setSolVal(solution, variable, float(value))
-    for variable, value in zip(v, v_values):
-        scip.setSolVal(solution, variable, float(value))
-    for variable, value in zip(r, residual):
-        scip.setSolVal(solution, variable, float(value))
-    scip.setSolVal(solution, t, float(residual @ residual))
-    scip.addSol(solution, free=True)
+    add_solution(scip, [(p, prune), (v, v_values), (r, residual), ([t], [residual @ residual])])
 
 
 def row_models(problem: MaskProblem, warm_start: torch.Tensor) -> list[RefitRowModel]:
