@@ -27,6 +27,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from run_pruning import METHODS  # noqa: E402
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -36,14 +39,14 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=49152, full_blocks=2),
 }
-# method -> CLI arguments (warm start and solver)
-METHODS = {"wanda": ["--warm-start", "none", "--solver", "wanda"],
-           "sparsegpt": ["--warm-start", "none", "--solver", "sparsegpt"],
-           "admm": ["--warm-start", "none", "--solver", "admm"],
-           "alps": ["--warm-start", "none", "--solver", "alps"],
-           "sparsegpt+refit": ["--warm-start", "none", "--solver", "sparsegpt", "--update-weights"],
-           "wanda+swaps": ["--warm-start", "wanda", "--solver", "swaps"],
-           "wanda+swaps+refit": ["--warm-start", "wanda", "--solver", "swaps", "--update-weights"]}
+
+
+def method_arguments(method: str) -> list[str]:
+    """The prune command's arguments for one of run_pruning's methods (warm start, solver, its options, re-fit)."""
+    chosen = METHODS[method]
+    return (["--warm-start", chosen.warm or "none", "--solver", chosen.solver]
+            + sum((["--solver-option", f"{key}={value}"] for key, value in chosen.options.items()), [])
+            + (["--update-weights"] if chosen.update_weights else []))
 
 
 def uses_swaps(method: str) -> bool:
@@ -108,7 +111,7 @@ def run_method(model: Path, method: str, args, work: Path, ranks: int = 0) -> di
     out = work / f"{model.name}-{method.replace('+', '_')}.json"
     if out.exists():
         out.unlink()
-    command = [*launcher(ranks), "prune", "--model", str(model), *METHODS[method],
+    command = [*launcher(ranks), "prune", "--model", str(model), *method_arguments(method),
                "--protocol", args.protocol, "--eval", args.eval, "--eval-windows", str(args.eval_windows),
                "--out", str(out), *sum((["--solver-option", o] for o in args.solver_option
                                         if uses_swaps(method)), [])]

@@ -52,6 +52,11 @@ def run_chain(problem: ss.MaskProblem, chain: list[str]) -> ss.SolveResult:
     return refitted
 
 
+def row_errors(result: ss.SolveResult) -> torch.Tensor:
+    """Each row's error with the chain's own weights (w ⊙ m for mask-only chains)."""
+    return result.row_weight_objective if result.weight is not None else result.row_objective
+
+
 def measure(name: str, weight: torch.Tensor, gram: torch.Tensor, targets: list[str], chains: list) -> list[dict]:
     rows = []
     for target in targets:
@@ -59,7 +64,7 @@ def measure(name: str, weight: torch.Tensor, gram: torch.Tensor, targets: list[s
         dense = float(problem.objective(torch.zeros_like(weight, dtype=torch.bool)).sum())
         for chain in chains:
             result = run_chain(problem, chain)
-            error = result.weight_objective if result.weight is not None else result.objective
+            error = float(row_errors(result).sum())
             rows.append({"layer": name, "shape": list(weight.shape), "target": target, "chain": "+".join(chain),
                          "relative_error": error / dense, "mask_relative_error": result.objective / dense,
                          "seconds": result.runtime_s})
@@ -93,7 +98,7 @@ def scip_reference(problem: ss.MaskProblem, results: list[ss.SolveResult], row_t
                    workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(SCIP's lower bound on each row's masks-and-weights optimum, whether it is proven within 1e-6), SCIP
     started from each row's best chain."""
-    errors = torch.stack([r.row_weight_objective if r.weight is not None else r.row_objective for r in results])
+    errors = torch.stack([row_errors(r) for r in results])
     best = errors.argmin(0)
     start = torch.stack([results[int(k)].mask[row] for row, k in enumerate(best)])
     exact = ss.solve(problem, "scip_refit", warm_start=start, row_time_limit=row_time_limit, workers=workers)
@@ -112,8 +117,7 @@ def oracle_gaps(instances, scip_row_time_limit: float | None = None, workers: in
         else:
             reference, proven = scip_reference(problem, results, scip_row_time_limit, workers)
         for chain, result in zip(ORACLE_CHAINS, results):
-            error = result.row_weight_objective if result.weight is not None else result.row_objective
-            gaps = (error - reference) / reference.clamp_min(torch.finfo(torch.float64).tiny)
+            gaps = (row_errors(result) - reference) / reference.clamp_min(torch.finfo(torch.float64).tiny)
             entry = pooled.setdefault((label, target, "+".join(chain)), [[], 0.0, 0])
             entry[0] += gaps.tolist()
             entry[1] += result.runtime_s

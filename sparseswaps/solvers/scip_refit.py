@@ -2,7 +2,7 @@
 
 Per row: min over prune indicators p (binary, the pattern's count per row or N:M group) and kept weights v of
 (w - v)ᵀ G (w - v), with v_i = 0 wherever p_i = 1 (best-subset regression). Epigraph form, as `scip`:
-    min t   s.t.  r = Fᵀ (w - v) / √scale,  t >= ||r||²,  p_i = 1  =>  v_i = 0  (two indicator constraints),
+    min t   s.t.  r = Fᵀ (w - v) / √scale,  t >= ||r||²,  p_i = 1  =>  v_i = 0,
 with F Fᵀ = G and `scale` the incumbent's error E₀, so SCIP works near 1. The link p_i = 1 => v_i = 0 is a
 big-M constraint |v_i| <= M_i (1 - p_i) with M_i = |w_i| + sqrt(E₀ [G⁻¹]_ii): every v at least as good as the
 incumbent lies in the ellipsoid (w - v)ᵀ G (w - v) <= E₀, whose extent along axis i that is, so the optimum
@@ -24,6 +24,7 @@ import torch
 
 from sparseswaps import MaskProblem, Solution, SolverError, register
 
+from .bruteforce import refit_errors
 from .exact import (ExactSolver, RowOutcome, assemble, deadline_of, map_rows, prune_groups, psd_factor,
                     within_budget)
 from .scip import add_solution, dual_bound, new_model, row_status
@@ -40,21 +41,20 @@ class RefitRowModel:
     w: np.ndarray            # row weights, float64
     gram: np.ndarray
     factor: np.ndarray       # F with F Fᵀ = G
+    inverse_diagonal: np.ndarray   # [G⁻¹]_ii
     groups: list
     incumbent: np.ndarray    # prune indicators of the warm start (bool)
 
     def reach(self, error: float) -> np.ndarray:
         """|w_i - v_i| <= sqrt(error · [G⁻¹]_ii) for every v with (w - v)ᵀ G (w - v) <= error: the extent of
         that ellipsoid along each axis. Valid bounds for any solution at least as good as the incumbent."""
-        return np.sqrt(error * np.diag(np.linalg.inv(self.gram)).clip(min=0))
+        return np.sqrt(error * self.inverse_diagonal)
 
     def least_squares(self, prune: np.ndarray) -> tuple[np.ndarray, float]:
-        """(v, error) of the least-squares weights on the kept entries (lstsq: exact for a singular block)."""
-        kept = ~prune
-        v = np.zeros_like(self.w)
-        v[kept] = np.linalg.lstsq(self.gram[np.ix_(kept, kept)], (self.gram @ self.w)[kept], rcond=None)[0]
-        residual = self.w - v
-        return v, float(residual @ self.gram @ residual)
+        """(v, error) of the least-squares weights on the kept entries (`refit_errors`, as brute force)."""
+        errors, weights = refit_errors(torch.from_numpy(self.w), torch.from_numpy(self.gram),
+                                       torch.from_numpy(~prune)[None])
+        return weights[0].numpy(), float(errors[0])
 
 
 @within_budget
@@ -104,9 +104,11 @@ def _add_incumbent(scip, variables, prune, v_values, factor, target) -> None:
 def row_models(problem: MaskProblem, warm_start: torch.Tensor) -> list[RefitRowModel]:
     gram = problem.gram.detach().cpu().to(torch.float64).numpy()
     factor = psd_factor(gram)
+    inverse_diagonal = np.diag(np.linalg.inv(gram)).clip(min=0)      # G is positive definite (checked)
     groups = prune_groups(problem.d, problem.pattern)
     prune = (~warm_start).cpu().numpy()
-    return [RefitRowModel(w=w, gram=gram, factor=factor, groups=groups, incumbent=p)
+    return [RefitRowModel(w=w, gram=gram, factor=factor, inverse_diagonal=inverse_diagonal, groups=groups,
+                          incumbent=p)
             for w, p in zip(problem.weight.detach().cpu().to(torch.float64).numpy(), prune)]
 
 
