@@ -190,3 +190,15 @@ def test_a_solver_as_warm_start_of_a_chain_runs_first():
     given = ss.solve(problem, ["swaps", "refit"], warm_start="wanda")
     assert [stage["solver"] for stage in given.extra["chain"]] == ["wanda", "swaps", "refit"]
     assert torch.equal(given.weight, ss.solve(problem, ["wanda", "swaps", "refit"]).weight)
+
+
+def test_a_weight_solvers_result_round_trips_with_its_weights_and_bound(tmp_path):
+    pytest.importorskip("pyscipopt")
+    problem, _ = make_problem(rows=2, d=12, sparsity=0.5)
+    result = ss.solve(problem, "scip_refit")
+    result.save(tmp_path / "r")
+    loaded = ss.SolveResult.load(tmp_path / "r")
+    assert torch.equal(loaded.weight, result.weight.cpu())
+    assert torch.equal(loaded.row_weight_objective, result.row_weight_objective)
+    assert torch.equal(loaded.row_weight_bound, result.row_weight_bound) and loaded.weight_gap == result.weight_gap
+    assert loaded.message == result.message
