@@ -266,3 +266,26 @@ def test_refit_swaps_on_cuda_take_the_reference_swaps(spec):
     assert torch.equal(result.mask.cpu(), expected)
     torch.testing.assert_close(result.weight.cpu(), ss.solve(problem, "refit", warm_start=expected, damping=0.0).weight,
                                rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("spec, group", [({"sparsity": 0.5}, None), ({"sparsity": 0.7}, None), ({"pattern": "2:4"}, 4),
+                                         ({"pattern": "2:3"}, 3)])
+def test_fused_refit_scan_picks_the_torch_scans_swap_bit_for_bit(spec, group):
+    """The Triton scan of refit_swaps (without fused multiply-adds) gives the torch scan's best Δ, i and j
+    exactly, along a refinement path, ties included (every input appears twice)."""
+    from sparseswaps.solvers.refit_swaps import _Batch
+
+    problem, _ = make_problem("outliers", rows=16, d=96, seed=3, tokens=384, **spec)
+    gram = problem.gram.double().cuda()
+    twice = torch.cat([gram, gram], 1)
+    gram = torch.cat([twice, twice], 0) + torch.eye(192, dtype=torch.float64, device="cuda")
+    weight = problem.weight.double().cuda().repeat(1, 2)
+    keep = ss.solve(ss.MaskProblem(weight.float(), gram.float(), pattern=problem.pattern), "magnitude").mask
+    scale = float(gram.diagonal().max())
+    fused, plain = (_Batch(weight, gram, gram, keep, fused=f) for f in (True, False))
+    for _ in range(6):
+        got, want = fused.best_swaps(group, scale), plain.best_swaps(group, scale)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        for batch in (fused, plain):
+            batch.swap(*want[1:], want[0])

@@ -189,6 +189,15 @@ def test_refit_swaps_on_a_singular_kept_block_ask_for_damping():
     assert dead.is_feasible(result.mask) and torch.isfinite(result.weight).all()
 
 
+@pytest.mark.parametrize("engine, message", [("fast", "one of auto, torch, triton"),
+                                             pytest.param("triton", "CUDA", marks=pytest.mark.skipif(
+                                                 torch.cuda.is_available(), reason="CUDA can run it"))])
+def test_refit_swaps_engine_errors_say_what_runs_where(engine, message):
+    problem, _ = make_problem("correlated", rows=2, d=12, seed=1, tokens=48, sparsity=0.5)
+    with pytest.raises(SolverError, match=message):
+        ss.solve(problem, "refit_swaps", engine=engine)
+
+
 @pytest.mark.parametrize("spec", [{"sparsity": 0.5}, {"sparsity": 0.7}, {"pattern": "2:4"}])
 def test_scip_refit_reaches_the_masks_and_weights_optimum_with_a_bound(spec):
     """SCIP's MIQP of masks and weights together ends at the brute-force optimum of weight_objective, with a

@@ -11,9 +11,10 @@ least-squares weights of the final mask.
 
 `refit_swap_row` is that, row by row, re-solving the kept system at every swap (O(k² (d - k)) per scan):
 the reference. The solver runs `refit_swap_rows`: batches of rows in float64 on the problem's device, the
-state kept in the full d x d index space and updated after each swap by the bordered-inverse formulas, so a
-scan and an update cost O(d²) per row (64 d² bytes of memory per row of a batch). It takes the reference's
-swaps (tests/test_refit.py). An 8B-wide layer still needs 13 GB per row.
+state kept in the full d x d index space and updated in place after each swap by the bordered-inverse
+formulas, so a scan and an update cost O(d²) per row (64 d² bytes of memory per row of a batch budgeted).
+On CUDA the scan is one fused Triton kernel (refit_triton.py). It takes the reference's swaps
+(tests/test_refit.py). An 8B-wide layer still needs 13 GB per row.
 """
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ import torch
 from sparseswaps import NM, MaskProblem, Solution, Solver, Termination, mask_from_scores, register
 from sparseswaps.registry import SolverError
 
+from . import refit_triton
+
 _RELATIVE_GAIN = 1e-12
+ENGINES = ("auto", "torch", "triton")
 
 
 def _kept_system(gram: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -73,7 +77,8 @@ class _Batch:
     A drop of i (H_ii, h = H[:, i]) and an add of j (u = U[:, j], c = C_j, t_l = G_jl - uᵀ G_:l) follow the
     bordered-inverse formulas: O(d²) per row and swap, where re-solving costs O(d³)."""
 
-    def __init__(self, w, gram, damped, keep):
+    def __init__(self, w, gram, damped, keep, fused: bool = False):
+        self.fused = fused
         self.rows, self.keep = torch.arange(len(w), device=w.device), keep.clone()
         self.gram, self.damped = gram, damped
         both = keep[:, :, None] & keep[:, None, :]
@@ -87,19 +92,29 @@ class _Batch:
         self.error = (w * g).sum(1) - (g * self.v).sum(1)
         self.ids = self.rows.clone()
 
-    def deltas(self, group: int | None, scale: float) -> torch.Tensor:
-        """Δ [B, d (drop i), d (add j)] of every swap; +inf where i is not kept, j not pruned, or not one group."""
-        diagonal = self.h.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(self.h.dtype).tiny)
-        ratio = self.v / diagonal
-        numerator = self.r[:, None, :] + self.u * ratio[:, :, None]
-        denominator = self.c[:, None, :] + self.u * self.u / diagonal[:, :, None]
+    def best_swaps(self, group: int | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(best Δ, i, j) per row over every swap (kept i, pruned j, one N:M group); ties go to the smallest
+        i, then the smallest j. Only the kept x pruned block of U is read: the scan is memory-bound. `fused`:
+        one Triton kernel computes the same on CUDA (refit_triton.py)."""
+        if self.fused:
+            return refit_triton.best_swaps(self.u, self.h, self.v, self.r, self.c, self.keep, group, 1e-12 * scale)
+        batch, d = self.keep.shape
+        kept = self.keep.nonzero()[:, 1].view(batch, -1)                 # ascending in each row
+        pruned = (~self.keep).nonzero()[:, 1].view(batch, -1)
+        diagonal = self.h.diagonal(dim1=1, dim2=2).gather(1, kept).clamp_min(torch.finfo(self.h.dtype).tiny)
+        v = self.v.gather(1, kept)
+        ratio = v / diagonal
+        u = self.u[self.rows[:, None, None], kept[:, :, None], pruned[:, None, :]]          # [B, k, p]
+        numerator = self.r.gather(1, pruned)[:, None, :] + u * ratio[:, :, None]
+        denominator = self.c.gather(1, pruned)[:, None, :] + u * u / diagonal[:, :, None]
         gain = torch.where(denominator > 1e-12 * scale, numerator * numerator / denominator.clamp_min(1e-300), 0.0)
-        delta = (self.v * ratio)[:, :, None] - gain
-        allowed = self.keep[:, :, None] & ~self.keep[:, None, :]
+        delta = (v * ratio)[:, :, None] - gain
         if group is not None:
-            blocks = torch.arange(len(self.gram), device=self.gram.device) // group
-            allowed &= blocks[:, None] == blocks[None, :]
-        return torch.where(allowed, delta, torch.inf)
+            delta = torch.where(kept[:, :, None] // group == pruned[:, None, :] // group, delta, torch.inf)
+        flat = delta.flatten(1)
+        at = flat.argmin(1, keepdim=True)                                 # first minimum
+        width = pruned.shape[1]
+        return flat.gather(1, at).squeeze(1), kept.gather(1, at // width).squeeze(1), pruned.gather(1, at % width).squeeze(1)
 
     def select(self, going_on: torch.Tensor) -> None:
         for name in ("keep", "h", "v", "u", "r", "c", "error", "ids"):
@@ -117,9 +132,9 @@ class _Batch:
         h_i = self.h[rows, :, i]                           # [B, d]
         h_ii = h_i[rows, i][:, None]
         v_i, u_i = self.v[rows, i][:, None], self.u[rows, i, :]
-        self.h -= h_i[:, :, None] * (h_i / h_ii)[:, None, :]
+        self.h.baddbmm_(h_i[:, :, None], (h_i / h_ii)[:, None, :], alpha=-1)     # in place: no [B, d, d] temporary
         self.v -= h_i * (v_i / h_ii)
-        self.u -= h_i[:, :, None] * (u_i / h_ii)[:, None, :]
+        self.u.baddbmm_(h_i[:, :, None], (u_i / h_ii)[:, None, :], alpha=-1)
         self.c += u_i * u_i / h_ii
         self.r += u_i * (v_i / h_ii)
         self.keep[rows, i] = False
@@ -132,13 +147,13 @@ class _Batch:
         u_j = self.u[rows, :, j]                           # [B, d], zero outside S
         c_j, r_j = self.c[rows, j][:, None], self.r[rows, j][:, None]
         t = self.damped[j] - u_j @ self.gram               # [B, d]
-        self.h += u_j[:, :, None] * (u_j / c_j)[:, None, :]
+        self.h.baddbmm_(u_j[:, :, None], (u_j / c_j)[:, None, :])
         self.h[rows, :, j] = -u_j / c_j
         self.h[rows, j, :] = -u_j / c_j
         self.h[rows, j, j] = 1 / c_j[:, 0]
         self.v -= u_j * (r_j / c_j)
         self.v[rows, j] = r_j[:, 0] / c_j[:, 0]
-        self.u -= u_j[:, :, None] * (t / c_j)[:, None, :]
+        self.u.baddbmm_(u_j[:, :, None], (t / c_j)[:, None, :], alpha=-1)
         self.u[rows, j, :] = t / c_j
         self.c -= t * t / c_j
         self.r -= t * (r_j / c_j)
@@ -149,10 +164,12 @@ _BYTES_PER_ENTRY = 8 * 8       # float64: H, U and the scan's temporaries, per (
 
 
 def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None, damping: float = 0.0,
-                    batch_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    batch_rows: int | None = None, engine: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mask, swaps per row, whether each row reached a local optimum): best 1-swaps on the re-fitted error
     for every row, batched, float64, on the inputs' device. λ = damping · mean(diag G) is added to the kept
-    block (0: the exact least-squares error; it must then be positive definite)."""
+    block (0: the exact least-squares error; it must then be positive definite). `engine`: the scan's
+    implementation, "triton" (fused, CUDA only), "torch" or "auto" (Triton where it can run)."""
+    fused = _fused_scan(engine, weight.device)
     gram = gram.to(torch.float64)
     damped = gram + damping * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     scale = float(gram.diagonal().max().clamp_min(torch.finfo(gram.dtype).tiny))
@@ -164,7 +181,7 @@ def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None
     while start < len(weight):
         rows = slice(start, start + batch_rows)
         try:
-            _refine(_Batch(weight[rows], gram, damped, keep[rows]), weight[rows], gram, group, scale, max_iters,
+            _refine(_Batch(weight[rows], gram, damped, keep[rows], fused), weight[rows], gram, group, scale, max_iters,
                     mask[rows], swaps[rows], converged[rows])
         except torch.cuda.OutOfMemoryError:
             if batch_rows == 1:
@@ -174,6 +191,8 @@ def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None
             torch.cuda.empty_cache()
             continue
         start = rows.stop
+    if weight.is_cuda:
+        torch.cuda.empty_cache()       # the batch state can reach 16 GiB: give it back to other work
     return mask, swaps, converged
 
 
@@ -181,8 +200,7 @@ def _refine(batch, weight, gram, group, scale, max_iters, mask, swaps, converged
     """Best improving swap of every row of the batch until none improves by more than a relative 1e-12."""
     energy = (weight * (weight @ gram)).sum(1)
     for _ in range(max_iters):
-        delta = batch.deltas(group, scale).flatten(1)
-        best, flat = delta.min(1).values, delta.argmin(1)          # first minimum: smallest i, then j
+        best, i, j = batch.best_swaps(group, scale)
         floor = _RELATIVE_GAIN * torch.maximum(batch.error, _RELATIVE_GAIN * energy[batch.ids])
         improving = best < -floor
         converged[batch.ids[~improving]] = True
@@ -191,11 +209,20 @@ def _refine(batch, weight, gram, group, scale, max_iters, mask, swaps, converged
             return
         if not bool(improving.all()):
             batch.select(improving)
-            best, flat = best[improving], flat[improving]
-        d = len(gram)
-        batch.swap(flat // d, flat % d, best)
+            best, i, j = best[improving], i[improving], j[improving]
+        batch.swap(i, j, best)
         swaps[batch.ids] += 1
     mask[batch.ids] = batch.keep
+
+
+def _fused_scan(engine: str, device: torch.device) -> bool:
+    """Whether the scan runs as the fused Triton kernel."""
+    if engine not in ENGINES:
+        raise SolverError(f"refit_swaps engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    can = device.type == "cuda" and refit_triton.AVAILABLE
+    if engine == "triton" and not can:
+        raise SolverError("refit_swaps engine 'triton' runs on CUDA devices and needs triton installed")
+    return can and engine != "torch"
 
 
 def _batch_rows(d: int, device: torch.device) -> int:
@@ -214,7 +241,7 @@ class RefitSwapsSolver(Solver):
     weights = True
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, max_iters: int = 1000,
-              damping: float = 0.0, batch_rows: int | None = None) -> Solution:
+              damping: float = 0.0, batch_rows: int | None = None, engine: str = "auto") -> Solution:
         from .refit import refit_weights
 
         if not isinstance(max_iters, int) or max_iters < 0:
@@ -225,7 +252,7 @@ class RefitSwapsSolver(Solver):
         group = problem.pattern.m if isinstance(problem.pattern, NM) else None
         try:
             mask, swaps, converged = refit_swap_rows(problem.weight, problem.gram, start.to(problem.device),
-                                                     max_iters, group, damping, batch_rows)
+                                                     max_iters, group, damping, batch_rows, engine)
         except torch.linalg.LinAlgError as error:
             raise SolverError(f"refit_swaps: the kept block of G is singular for some row ({error}); set damping "
                               "> 0 (λ = damping · mean diag G is added to it), e.g. damping=1e-6") from error
