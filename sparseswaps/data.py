@@ -153,7 +153,8 @@ def calibration_windows(tokenizer, nsamples: int, seqlen: int, seed: int = 0, *,
         samples.append(window)
         sources.append(index)
     info = {"corpus": "c4-train", "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-            "distinct_documents": len(set(sources)), "bos_per_window": bos_per_window}
+            "distinct_documents": len(set(sources)), "documents": sorted(set(sources)),
+            "bos_per_window": bos_per_window}
     return Windows(torch.tensor(samples, dtype=torch.long), info)
 
 
