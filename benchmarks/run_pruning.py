@@ -35,7 +35,12 @@ METHODS = {"magnitude": Method(None, "magnitude"), "wanda": Method(None, "wanda"
            "admm": Method(None, "admm"), "alps": Method(None, "alps"), "wanda+swaps": Method("wanda", "swaps"),
            "sparsegpt+refit": Method(None, "sparsegpt", True), "wanda+swaps+refit": Method("wanda", "swaps", True),
            "alps+refit_swaps": Method("alps", "refit_swaps", options={"damping": 1e-6}),
-           "alps+refit_swaps20": Method("alps", "refit_swaps", options={"damping": 1e-6, "max_iters": 20})}
+           "alps+refit_swaps20": Method("alps", "refit_swaps", options={"damping": 1e-6, "max_iters": 20}),
+           "admm+refit": Method("admm", "refit"), "admm+refit_swaps": Method("admm", "refit_swaps", options={"damping": 1e-6}),
+           # in the metric G + δ diag(G) that each warm start's own ADMM damping gives (README §14)
+           "alps+refit_diag": Method("alps", "refit", options={"diagonal_damping": 0.01}),
+           "alps+refit_swaps_diag": Method("alps", "refit_swaps", options={"diagonal_damping": 0.01}),
+           "admm+refit_swaps_diag": Method("admm", "refit_swaps", options={"diagonal_damping": 0.1})}
 
 
 def method_config(method: str, target: str, **fields) -> PruneConfig:

@@ -189,6 +189,23 @@ def test_refit_swaps_on_a_singular_kept_block_ask_for_damping():
     assert dead.is_feasible(result.mask) and torch.isfinite(result.weight).all()
 
 
+@pytest.mark.parametrize("solver", ["refit", "refit_swaps"])
+@pytest.mark.parametrize("spec", [{"sparsity": 0.5}, {"pattern": "2:4"}])
+def test_diagonal_damping_solves_in_the_metric_g_plus_delta_diag_g(solver, spec):
+    """diagonal_damping δ gives what the solver gives on G + δ diag(G) (ADMM's metric), and the weights it
+    returns are not those of the plain metric."""
+    problem, _ = make_problem("outliers", rows=6, d=24, seed=5, tokens=96, **spec)
+    damped = ss.MaskProblem(problem.weight, problem.gram + torch.diag(0.1 * problem.gram.diagonal()), **spec)
+    start = ss.solve(problem, "magnitude").mask
+    got = ss.solve(problem, solver, warm_start=start, diagonal_damping=0.1)
+    want = ss.solve(damped, solver, warm_start=start)
+    assert torch.equal(got.mask, want.mask)
+    torch.testing.assert_close(got.weight, want.weight, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(got.weight, ss.solve(problem, solver, warm_start=start).weight)
+    with pytest.raises(SolverError, match="diagonal_damping"):
+        ss.solve(problem, solver, warm_start=start, diagonal_damping=-1.0)
+
+
 @pytest.mark.parametrize("engine, message", [("fast", "one of auto, torch, triton"),
                                              pytest.param("triton", "CUDA", marks=pytest.mark.skipif(
                                                  torch.cuda.is_available(), reason="CUDA can run it"))])

@@ -1,6 +1,8 @@
 """`refit`: the kept weights of every row re-fitted by exact least squares on a fixed mask.
 
-Per row, min over v with v = 0 outside the mask of (w - v)ᵀ G (w - v): v_K = (G_KK + λI)⁻¹ (G w)_K. Chain it
+Per row, min over v with v = 0 outside the mask of (w - v)ᵀ G (w - v): v_K = (G_KK + λI)⁻¹ (G w)_K. With
+`diagonal_damping` δ the metric is G + δ diag(G), ADMM's: the kept weights are pulled toward their dense
+values and each pruned weight costs δ G_ii w_i² more. Chain it
 after any mask solver (`wanda,refit`, `wanda,swaps,refit`); the result carries the weights in
 `SolveResult.weight` and their error in `weight_objective`. `--update-weights` in the pipeline appends it.
 """
@@ -15,9 +17,9 @@ from sparseswaps.result import Solution, Termination
 
 
 def refit_weights(problem: MaskProblem, mask: torch.Tensor, damping: float = 1e-6,
-                         tolerance: float = 1e-10) -> torch.Tensor:
+                  tolerance: float = 1e-10, diagonal_damping: float = 0.0) -> torch.Tensor:
     """Kept weights of each row re-fitted by least squares, w'_K = (G_KK + λI)⁻¹ (G w)_K and w'_¬K = 0, with
-    λ = damping · mean(diag G).
+    λ = damping · mean(diag G), G taken as G + diagonal_damping · diag(G).
 
     All rows at once by conjugate gradients on masked Gram products, Jacobi-preconditioned, in float64: one
     [rows, d] x [d, d] product per iteration and O(rows · d) memory (a dense kept-by-kept system per row
@@ -25,7 +27,7 @@ def refit_weights(problem: MaskProblem, mask: torch.Tensor, damping: float = 1e-
     is below `tolerance` times its right-hand side; rows still short of it after 2k + 10 iterations (an
     ill-conditioned kept block) are solved exactly by dense solves, so no row returns an approximation.
     """
-    gram = problem.gram.to(torch.float64)
+    gram = with_diagonal_damping(problem.gram.to(torch.float64), diagonal_damping)
     diagonal = gram.diagonal() + damping * gram.diagonal().mean()
     weight, keep = problem.weight.to(torch.float64), mask.to(torch.float64)
 
@@ -58,6 +60,11 @@ def refit_weights(problem: MaskProblem, mask: torch.Tensor, damping: float = 1e-
     return solution.to(problem.weight.dtype)
 
 
+def with_diagonal_damping(gram: torch.Tensor, diagonal_damping: float) -> torch.Tensor:
+    """G + δ diag(G) (G itself for δ = 0)."""
+    return gram + torch.diag(diagonal_damping * gram.diagonal()) if diagonal_damping else gram
+
+
 def _dense_least_squares(problem, mask, rows, system_matrix, rhs, budget_bytes: int = 1 << 30) -> torch.Tensor:
     """Exact solves of the kept-by-kept systems of `rows`, in batches whose systems fit `budget_bytes`."""
     kept = problem.keep
@@ -85,12 +92,14 @@ class RefitSolver(Solver):
     weights = True
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, damping: float = 1e-6,
-              tolerance: float = 1e-10) -> Solution:
+              tolerance: float = 1e-10, diagonal_damping: float = 0.0) -> Solution:
         if warm_start is None:
             raise SolverError("refit re-fits the weights on a given mask: chain it after a mask solver, e.g. "
                               "wanda,refit or wanda,swaps,refit")
-        if not damping >= 0 or not tolerance >= 0:
-            raise SolverError(f"refit needs damping >= 0 and tolerance >= 0, got {damping!r} and {tolerance!r}")
-        weight = refit_weights(problem, warm_start, damping=damping, tolerance=tolerance)
+        if not (damping >= 0 and tolerance >= 0 and diagonal_damping >= 0):
+            raise SolverError(f"refit needs damping, tolerance and diagonal_damping >= 0, got {damping!r}, "
+                              f"{tolerance!r} and {diagonal_damping!r}")
+        weight = refit_weights(problem, warm_start, damping=damping, tolerance=tolerance,
+                               diagonal_damping=diagonal_damping)
         return Solution(warm_start, Termination.HEURISTIC, weight=weight,
-                        extra={"damping": damping, "tolerance": tolerance})
+                        extra={"damping": damping, "tolerance": tolerance, "diagonal_damping": diagonal_damping})

@@ -24,6 +24,7 @@ from sparseswaps import NM, MaskProblem, Solution, Solver, Termination, mask_fro
 from sparseswaps.registry import SolverError
 
 from . import refit_triton
+from .refit import refit_weights, with_diagonal_damping
 
 _RELATIVE_GAIN = 1e-12
 ENGINES = ("auto", "torch", "triton")
@@ -164,13 +165,15 @@ _BYTES_PER_ENTRY = 8 * 8       # float64: H, U and the scan's temporaries, per (
 
 
 def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None, damping: float = 0.0,
-                    batch_rows: int | None = None, engine: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    batch_rows: int | None = None, engine: str = "auto",
+                    diagonal_damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mask, swaps per row, whether each row reached a local optimum): best 1-swaps on the re-fitted error
     for every row, batched, float64, on the inputs' device. λ = damping · mean(diag G) is added to the kept
-    block (0: the exact least-squares error; it must then be positive definite). `engine`: the scan's
-    implementation, "triton" (fused, CUDA only), "torch" or "auto" (Triton where it can run)."""
+    block (0: the exact least-squares error; it must then be positive definite), and the error is measured
+    in G + diagonal_damping · diag(G) (refit.py). `engine`: the scan's implementation, "triton" (fused, CUDA
+    only), "torch" or "auto" (Triton where it can run)."""
     fused = _fused_scan(engine, weight.device)
-    gram = gram.to(torch.float64)
+    gram = with_diagonal_damping(gram.to(torch.float64), diagonal_damping)
     damped = gram + damping * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     scale = float(gram.diagonal().max().clamp_min(torch.finfo(gram.dtype).tiny))
     weight, mask = weight.to(torch.float64), keep.clone()
@@ -241,24 +244,26 @@ class RefitSwapsSolver(Solver):
     weights = True
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, max_iters: int = 1000,
-              damping: float = 0.0, batch_rows: int | None = None, engine: str = "auto") -> Solution:
-        from .refit import refit_weights
-
+              damping: float = 0.0, batch_rows: int | None = None, engine: str = "auto",
+              diagonal_damping: float = 0.0) -> Solution:
         if not isinstance(max_iters, int) or max_iters < 0:
             raise SolverError(f"refit_swaps needs a whole number max_iters >= 0, got {max_iters!r}")
-        if not damping >= 0:
-            raise SolverError(f"refit_swaps needs damping >= 0, got {damping!r}")
+        if not (damping >= 0 and diagonal_damping >= 0):
+            raise SolverError(f"refit_swaps needs damping >= 0 and diagonal_damping >= 0, got {damping!r} and "
+                              f"{diagonal_damping!r}")
         start = warm_start if warm_start is not None else mask_from_scores(problem.wanda_scores(), problem.pattern)
         group = problem.pattern.m if isinstance(problem.pattern, NM) else None
         try:
             mask, swaps, converged = refit_swap_rows(problem.weight, problem.gram, start.to(problem.device),
-                                                     max_iters, group, damping, batch_rows, engine)
+                                                     max_iters, group, damping, batch_rows, engine,
+                                                     diagonal_damping)
         except torch.linalg.LinAlgError as error:
             raise SolverError(f"refit_swaps: the kept block of G is singular for some row ({error}); set damping "
                               "> 0 (λ = damping · mean diag G is added to it), e.g. damping=1e-6") from error
         rows_converged = int(converged.sum())
         termination = Termination.LOCAL_OPTIMUM if rows_converged == problem.rows else Termination.ITERATION_LIMIT
-        return Solution(mask, termination, weight=refit_weights(problem, mask, damping=damping),
+        weight = refit_weights(problem, mask, damping=damping, diagonal_damping=diagonal_damping)
+        return Solution(mask, termination, weight=weight,
                         extra={"swaps": swaps.cpu(), "swaps_total": int(swaps.sum()), "converged": converged.cpu(),
                                "rows_converged": rows_converged},
                         message=f"{rows_converged} of {problem.rows} rows at a local optimum of the re-fitted error")
