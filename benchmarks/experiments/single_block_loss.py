@@ -1,0 +1,115 @@
+"""Prune one block's seven layers with each method and measure the whole model's loss on held-out text.
+
+heldout_error.py compares methods layer by layer; this puts each method's weights for one whole block into
+the otherwise dense model and measures the language-model loss on held-out windows (WikiText-2 validation
+and C4 training documents the calibration never drew), so the block's layers act together through attention
+and the MLP and through every later block, as in the full pipeline but with one block pruned. Every layer is
+solved on the calibration Gram of the dense model's inputs, all rows.
+
+    python benchmarks/experiments/single_block_loss.py --model gemma-3-270m-q4_k_m.gguf --tokenizer TOK \\
+        --wikitext-valid ../shared/data/wikitext2/wiki.valid.raw --block 9 --out benchmarks/results/single_block_gemma3_b9_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import sparseswaps as ss  # noqa: E402
+from heldout_error import block_grams, heldout_windows, relative_error  # noqa: E402
+from sparseswaps.calibration import find_blocks, target_linears  # noqa: E402
+from sparseswaps.data import calibration_windows  # noqa: E402
+from sparseswaps.models import load_model, needs_bos_per_window  # noqa: E402
+from sparseswaps.provenance import environment  # noqa: E402
+
+# label: (chain, options of its last stage)
+CHAINS = {"alps": (["alps"], {}), "admm": (["admm"], {}),
+          "alps + refit_swaps": (["alps", "refit_swaps"], {"damping": 1e-6}),
+          "admm + refit_swaps on G + 0.1 diag G": (["admm", "refit_swaps"], {"diagonal_damping": 0.1})}
+
+
+def heldout_loss(model, windows: torch.Tensor) -> float:
+    """Mean next-token loss over the windows (every window weighted alike)."""
+    with torch.no_grad():
+        return sum(float(model(window.unsqueeze(0), labels=window.unsqueeze(0), use_cache=False).loss)
+                   for window in windows) / len(windows)
+
+
+def pruned_weights(layers: dict, grams: dict, chain: list[str], options: dict, target: str) -> tuple[dict, float]:
+    """Each layer's kept weights from `chain` and the mean relative calibration error."""
+    spec = {"pattern": target} if ":" in target else {"sparsity": float(target)}
+    weights, errors = {}, []
+    for name, layer in layers.items():
+        weight = layer.weight.detach().double()
+        problem = ss.MaskProblem(weight.float(), grams[name].float(), check_psd=False, **spec)
+        result = ss.solve(problem, chain, **options)
+        kept = result.weight.double() if result.weight is not None else weight * result.mask
+        weights[name] = kept
+        errors.append(relative_error(weight, kept, grams[name]))
+    return weights, sum(errors) / len(errors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model")
+    parser.add_argument("--tokenizer")
+    parser.add_argument("--wikitext-valid", type=Path, required=True)
+    parser.add_argument("--block", type=int, default=9)
+    parser.add_argument("--targets", default="0.5")
+    parser.add_argument("--methods", default=",".join(CHAINS), help="labels of CHAINS, comma-separated")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--heldout-windows", type=int, default=8, help="per held-out corpus")
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    model, tokenizer, info = load_model(args.model, tokenizer=args.tokenizer)
+    model.eval()
+    bos = needs_bos_per_window(model)
+    prefix, blocks = find_blocks(model)
+    layers = target_linears(blocks[args.block], f"{prefix}.{args.block}")
+    calibration = calibration_windows(tokenizer, args.nsamples, args.seqlen, seed=0, bos_per_window=bos)
+    first, rest = block_grams(model, args.block, layers, calibration.input_ids)
+    grams = {name: first[name] + rest[name] for name in layers}
+    heldout = heldout_windows(tokenizer, args.wikitext_valid, args.heldout_windows, args.seqlen,
+                              set(calibration.info["documents"]), bos)
+    dense = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    rows = [{"method": "dense", "target": None, "calibration_error": 0.0, "loss": heldout_loss(model, heldout)}]
+    print(json.dumps(rows[-1]), flush=True)
+    for target in args.targets.split(","):
+        for method in args.methods.split(","):
+            began = time.perf_counter()
+            weights, error = pruned_weights(layers, grams, *CHAINS[method], target)
+            for name, layer in layers.items():
+                layer.weight.data.copy_(weights[name].to(layer.weight.dtype))
+            rows.append({"method": method, "target": target, "calibration_error": error,
+                         "loss": heldout_loss(model, heldout), "seconds": time.perf_counter() - began})
+            for name, layer in layers.items():
+                layer.weight.data.copy_(dense[name])
+            print(json.dumps(rows[-1]), flush=True)
+            report = {"model": info, "block": args.block, "calibration": calibration.info,
+                      "heldout_windows_per_corpus": args.heldout_windows, "rows": rows, "environment": environment()}
+            args.out.write_text(json.dumps(report, indent=1))
+            args.out.with_suffix(".md").write_text(markdown(rows) + "\n")
+    print(markdown(rows))
+
+
+def markdown(rows: list[dict]) -> str:
+    dense = rows[0]["loss"]
+    lines = ["| target | method | mean calibration error of the block's layers | held-out loss | perplexity | "
+             "loss above dense |", "|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['target'] or '-'} | {row['method']} | {row['calibration_error']:.5f} | {row['loss']:.5f} | "
+                     f"{math.exp(row['loss']):.3f} | {row['loss'] - dense:+.5f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
