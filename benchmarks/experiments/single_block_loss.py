@@ -24,10 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sparseswaps as ss  # noqa: E402
-from heldout_error import block_grams, heldout_windows, relative_error  # noqa: E402
-from sparseswaps.calibration import find_blocks, target_linears  # noqa: E402
-from sparseswaps.data import calibration_windows  # noqa: E402
-from sparseswaps.models import load_model, needs_bos_per_window  # noqa: E402
+from heldout_error import block_grams, model_and_windows, relative_error  # noqa: E402
 from sparseswaps.provenance import environment  # noqa: E402
 
 # label: (chain, options of its last stage)
@@ -70,16 +67,9 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    model, tokenizer, info = load_model(args.model, tokenizer=args.tokenizer)
-    model.eval()
-    bos = needs_bos_per_window(model)
-    prefix, blocks = find_blocks(model)
-    layers = target_linears(blocks[args.block], f"{prefix}.{args.block}")
-    calibration = calibration_windows(tokenizer, args.nsamples, args.seqlen, seed=0, bos_per_window=bos)
+    model, _, info, layers, calibration, heldout = model_and_windows(args)
     first, rest = block_grams(model, args.block, layers, calibration.input_ids)
     grams = {name: first[name] + rest[name] for name in layers}
-    heldout = heldout_windows(tokenizer, args.wikitext_valid, args.heldout_windows, args.seqlen,
-                              set(calibration.info["documents"]), bos)
     dense = {name: layer.weight.detach().clone() for name, layer in layers.items()}
     rows = [{"method": "dense", "target": None, "calibration_error": 0.0, "loss": heldout_loss(model, heldout)}]
     print(json.dumps(rows[-1]), flush=True)
