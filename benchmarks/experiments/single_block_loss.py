@@ -11,7 +11,6 @@ solved on the calibration Gram of the dense model's inputs, all rows.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sparseswaps as ss  # noqa: E402
-from heldout_error import block_grams, model_and_windows, relative_error  # noqa: E402
+from heldout_error import block_grams, experiment_parser, model_and_windows, relative_error  # noqa: E402
 from sparseswaps.provenance import environment  # noqa: E402
 
 # label: (chain, options of its last stage)
@@ -55,17 +54,8 @@ def pruned_weights(layers: dict, grams: dict, chain: list[str], options: dict, t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model")
-    parser.add_argument("--tokenizer")
-    parser.add_argument("--wikitext-valid", type=Path, required=True)
-    parser.add_argument("--block", type=int, default=9)
-    parser.add_argument("--targets", default="0.5")
+    parser = experiment_parser(__doc__, block=9, targets="0.5", heldout=8)
     parser.add_argument("--methods", default=",".join(CHAINS), help="labels of CHAINS, comma-separated")
-    parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--heldout-windows", type=int, default=8, help="per held-out corpus")
-    parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model, _, info, layers, calibration, heldout = model_and_windows(args)
     first, rest = block_grams(model, args.block, layers, calibration.input_ids)
