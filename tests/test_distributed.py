@@ -16,7 +16,9 @@ from sparseswaps.pipeline import PruneConfig, prune_model
 from test_pipeline import assert_same_folders
 from test_streaming import save_sharded
 
-ARGS = ["--nsamples", "4", "--seqlen", "64", "--eval-windows", "5", "--sparsity", "0.6"]
+SHAPE = ["--nsamples", "4", "--seqlen", "64", "--eval-windows", "5", "--sparsity", "0.6"]
+# gloo ranks share the CPU even where a GPU is visible (one GPU cannot lend two ranks a device each)
+ARGS = [*SHAPE, "--device", "cpu"]
 
 
 def torchrun(ranks: int, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
@@ -49,7 +51,8 @@ def test_gloo_ranks_give_what_one_process_gives(model, tmp_path, ranks):
 
 
 def test_two_ranks_resume_what_one_process_left(model, tmp_path):
-    config = PruneConfig(model=str(model), nsamples=4, seqlen=64, eval_windows=5, sparsity=0.6, shards=2)
+    config = PruneConfig(model=str(model), nsamples=4, seqlen=64, eval_windows=5, sparsity=0.6, shards=2,
+                          device="cpu")
     reference = prune_model(config, checkpointing=False)
     with pytest.raises(KeyboardInterrupt):
         prune_model(config, tmp_path / "r.json", stop_after_block=0)
@@ -109,9 +112,9 @@ def test_one_process_folds_in_list_order():
 def test_an_nccl_rank_gives_what_one_process_gives(model, tmp_path):
     """One GPU lends one NCCL rank: every collective then runs on CUDA tensors, with one process's result."""
     single, ranked = tmp_path / "single", tmp_path / "ranked"
-    assert cli.main(["prune", "--model", str(model), *ARGS, "--device", "cuda", "--out", str(single / "r.json"),
+    assert cli.main(["prune", "--model", str(model), *SHAPE, "--device", "cuda", "--out", str(single / "r.json"),
                      "--save", str(single / "model")]) == 0
-    run = torchrun(1, "prune", "--model", str(model), *ARGS, "--device", "cuda", "--out", str(ranked / "r.json"),
+    run = torchrun(1, "prune", "--model", str(model), *SHAPE, "--device", "cuda", "--out", str(ranked / "r.json"),
                    "--save", str(ranked / "model"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_folders(single / "model", ranked / "model")
