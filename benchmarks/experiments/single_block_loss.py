@@ -29,7 +29,8 @@ from sparseswaps.provenance import environment  # noqa: E402
 # label: (chain, options of its last stage)
 CHAINS = {"alps": (["alps"], {}), "admm": (["admm"], {}),
           "alps + refit_swaps": (["alps", "refit_swaps"], {"damping": 1e-6}),
-          "admm + refit_swaps on G + 0.1 diag G": (["admm", "refit_swaps"], {"diagonal_damping": 0.1})}
+          "admm + refit_swaps on G + 0.1 diag G": (["admm", "refit_swaps"], {"diagonal_damping": 0.1}),
+          "alps + refit_swaps on G + 0.01 diag G": (["alps", "refit_swaps"], {"diagonal_damping": 0.01})}
 
 
 def heldout_loss(model, windows: torch.Tensor) -> float:
