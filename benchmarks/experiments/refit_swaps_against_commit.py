@@ -1,8 +1,9 @@
-"""Does this tree's `refit_swap_rows` take the swaps of an earlier commit's? Real layers, on this machine.
+"""Does this tree's `refit_swap_rows` take the swaps of an earlier commit's, and how long does each take?
+Real layers, on this machine.
 
 The earlier module is read from git (its solver registered under another name so both load), and both
 refine ALPS's mask on every layer of a file from export_layers.py with the committed chain's settings
-(λ = 1e-6, at most 20 swaps per row).
+(λ = 1e-6, at most 20 swaps per row unless --max-iters says otherwise), one after the other in this process.
 
     python benchmarks/experiments/refit_swaps_against_commit.py --commit 8780c0a --real-layers layers.safetensors --rows 48
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import time
 import sys
 import types
 from pathlib import Path
@@ -22,9 +24,11 @@ import sparseswaps as ss  # noqa: E402
 from sparseswaps.solvers.refit_swaps import refit_swap_rows  # noqa: E402
 
 
-def module_at(commit: str) -> types.ModuleType:
-    source = subprocess.run(["git", "show", f"{commit}:sparseswaps/solvers/refit_swaps.py"], check=True,
-                            capture_output=True, text=True).stdout
+def module_at(commit: str, source_file: Path | None = None) -> types.ModuleType:
+    """refit_swaps.py at `commit`, or from `source_file` where the tree travels without its git history."""
+    source = source_file.read_text() if source_file else subprocess.run(
+        ["git", "show", f"{commit}:sparseswaps/solvers/refit_swaps.py"], check=True, capture_output=True,
+        text=True).stdout
     module = types.ModuleType(f"refit_swaps_{commit}")
     module.__dict__["__name__"] = f"sparseswaps.solvers.refit_swaps_{commit}"
     module.__dict__["__package__"] = "sparseswaps.solvers"
@@ -39,22 +43,42 @@ def main() -> None:
     parser.add_argument("--real-layers", type=Path, required=True)
     parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--targets", default="0.5,2:4")
+    parser.add_argument("--source", type=Path, help="that commit's refit_swaps.py, saved with git show")
+    parser.add_argument("--max-iters", type=int, default=20)
+    parser.add_argument("--batch-rows", type=int, help="rows refined together (default: the solver's budget)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each version; the fastest is reported "
+                        "(2 on CUDA: the first compiles the fused scan)")
     args = parser.parse_args()
     from safetensors.torch import load_file
 
-    old = module_at(args.commit)
+    old = module_at(args.commit, args.source)
     tensors = load_file(str(args.real_layers))
     for name in sorted({key.rsplit(".", 1)[0] for key in tensors}):
         for target in args.targets.split(","):
             spec = {"pattern": target} if ":" in target else {"sparsity": float(target)}
-            problem = ss.MaskProblem(tensors[f"{name}.weight"][:args.rows].float(), tensors[f"{name}.gram"].float(),
-                                     check_psd=False, **spec)
+            problem = ss.MaskProblem(tensors[f"{name}.weight"][:args.rows].float().to(args.device),
+                                     tensors[f"{name}.gram"].float().to(args.device), check_psd=False, **spec)
             start = ss.solve(problem, "alps").mask
             group = problem.pattern.m if ":" in target else None
-            then = old.refit_swap_rows(problem.weight, problem.gram, start, 20, group, 1e-6)
-            now = refit_swap_rows(problem.weight, problem.gram, start, 20, group, 1e-6)
+            options = (problem.weight, problem.gram, start, args.max_iters, group, 1e-6, args.batch_rows)
+            then, then_s = timed(args.repeat, old.refit_swap_rows, *options)
+            now, now_s = timed(args.repeat, refit_swap_rows, *options)
             print(f"{name} {target}: same masks {torch.equal(then[0], now[0])}, same swaps per row "
-                  f"{torch.equal(then[1], now[1])}, {int(now[1].sum())} swaps", flush=True)
+                  f"{torch.equal(then[1], now[1])}, {int(now[1].sum())} swaps, {then_s:.2f} s then, "
+                  f"{now_s:.2f} s now", flush=True)
+
+
+def timed(repeat: int, function, *args):
+    """(result, fastest seconds of `repeat` runs)."""
+    seconds = []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        result = function(*args)
+        if result[0].is_cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - began)
+    return result, min(seconds)
 
 
 if __name__ == "__main__":
