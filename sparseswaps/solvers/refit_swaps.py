@@ -122,51 +122,46 @@ class _Batch:
             setattr(self, name, getattr(self, name)[going_on])
         self.rows = torch.arange(len(self.ids), device=self.ids.device)
 
-    def swap(self, i: torch.Tensor, j: torch.Tensor, delta: torch.Tensor, active: torch.Tensor) -> None:
-        """Drop i and add j in the rows where `active`; in the others every update is an exact zero, so the
-        batch need not be copied down each time a row converges."""
-        self._drop(i, active)
-        self._add(j, active)
-        self.error += torch.where(active, delta, 0)
+    def swap(self, i: torch.Tensor, j: torch.Tensor, delta: torch.Tensor) -> None:
+        """Drop i and add j in every row of the batch."""
+        self._drop(i)
+        self._add(j)
+        self.error += delta
 
-    def _drop(self, i, active):
-        rows, on = self.rows, active[:, None]
+    def _drop(self, i):
+        rows = self.rows
         h_i = self.h[rows, :, i]                           # [B, d]
         h_ii = h_i[rows, i][:, None]
         v_i, u_i = self.v[rows, i][:, None], self.u[rows, i, :]
-        # in place, no [B, d, d] temporary; a zero second factor leaves an inactive row as it is
-        self.h.baddbmm_(h_i[:, :, None], torch.where(on, h_i / h_ii, 0)[:, None, :], alpha=-1)
-        self.v -= torch.where(on, h_i * (v_i / h_ii), 0)
-        self.u.baddbmm_(h_i[:, :, None], torch.where(on, u_i / h_ii, 0)[:, None, :], alpha=-1)
-        self.c += torch.where(on, u_i * u_i / h_ii, 0)
-        self.r += torch.where(on, u_i * (v_i / h_ii), 0)
-        self.keep[rows, i] &= ~active
+        self.h.baddbmm_(h_i[:, :, None], (h_i / h_ii)[:, None, :], alpha=-1)     # in place: no [B, d, d] temporary
+        self.v -= h_i * (v_i / h_ii)
+        self.u.baddbmm_(h_i[:, :, None], (u_i / h_ii)[:, None, :], alpha=-1)
+        self.c += u_i * u_i / h_ii
+        self.r += u_i * (v_i / h_ii)
+        self.keep[rows, i] = False
         h_i[rows, i] = 0
-        self.u[rows, :, i] = torch.where(on, -h_i / h_ii, self.u[rows, :, i])
-        self.c[rows, i] = torch.where(active, 1 / h_ii[:, 0], self.c[rows, i])
-        self.r[rows, i] = torch.where(active, v_i[:, 0] / h_ii[:, 0], self.r[rows, i])
+        self.u[rows, :, i] = -h_i / h_ii
+        self.c[rows, i], self.r[rows, i] = 1 / h_ii[:, 0], v_i[:, 0] / h_ii[:, 0]
 
-    def _add(self, j, active):
-        rows, on = self.rows, active[:, None]
+    def _add(self, j):
+        rows = self.rows
         u_j = self.u[rows, :, j]                           # [B, d], zero outside S
         c_j, r_j = self.c[rows, j][:, None], self.r[rows, j][:, None]
         t = self.damped[j] - u_j @ self.gram               # [B, d]
-        scaled = torch.where(on, u_j / c_j, 0)
-        self.h.baddbmm_(u_j[:, :, None], scaled[:, None, :])
-        self.h[rows, :, j] = torch.where(on, -scaled, self.h[rows, :, j])
-        self.h[rows, j, :] = torch.where(on, -scaled, self.h[rows, j, :])
-        self.h[rows, j, j] = torch.where(active, 1 / c_j[:, 0], self.h[rows, j, j])
-        self.v -= torch.where(on, u_j * (r_j / c_j), 0)
-        self.v[rows, j] = torch.where(active, r_j[:, 0] / c_j[:, 0], self.v[rows, j])
-        self.u.baddbmm_(u_j[:, :, None], torch.where(on, t / c_j, 0)[:, None, :], alpha=-1)
-        self.u[rows, j, :] = torch.where(on, t / c_j, self.u[rows, j, :])
-        self.c -= torch.where(on, t * t / c_j, 0)
-        self.r -= torch.where(on, t * (r_j / c_j), 0)
-        self.keep[rows, j] |= active
+        self.h.baddbmm_(u_j[:, :, None], (u_j / c_j)[:, None, :])
+        self.h[rows, :, j] = -u_j / c_j
+        self.h[rows, j, :] = -u_j / c_j
+        self.h[rows, j, j] = 1 / c_j[:, 0]
+        self.v -= u_j * (r_j / c_j)
+        self.v[rows, j] = r_j[:, 0] / c_j[:, 0]
+        self.u.baddbmm_(u_j[:, :, None], (t / c_j)[:, None, :], alpha=-1)
+        self.u[rows, j, :] = t / c_j
+        self.c -= t * t / c_j
+        self.r -= t * (r_j / c_j)
+        self.keep[rows, j] = True
 
 
 _BYTES_PER_ENTRY = 8 * 8       # float64: H, U and the scan's temporaries, per (row, i, j)
-_COMPACT_AT = 0.75             # share of a batch's rows still improving at which converged rows are dropped
 
 
 def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None, damping: float = 0.0,
@@ -205,9 +200,7 @@ def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None
 
 
 def _refine(batch, weight, gram, group, scale, max_iters, mask, swaps, converged) -> None:
-    """Best improving swap of every row of the batch until none improves by more than a relative 1e-12.
-    Converged rows stay in the batch (their updates are zero) until they are a quarter of it: copying the
-    state down costs about what a swap costs."""
+    """Best improving swap of every row of the batch until none improves by more than a relative 1e-12."""
     energy = (weight * (weight @ gram)).sum(1)
     for _ in range(max_iters):
         best, i, j = batch.best_swaps(group, scale)
@@ -215,14 +208,13 @@ def _refine(batch, weight, gram, group, scale, max_iters, mask, swaps, converged
         improving = best < -floor
         converged[batch.ids[~improving]] = True
         mask[batch.ids[~improving]] = batch.keep[~improving]
-        going_on = int(improving.sum())
-        if going_on == 0:
+        if not bool(improving.any()):
             return
-        if going_on <= _COMPACT_AT * len(improving):
+        if not bool(improving.all()):
             batch.select(improving)
-            best, i, j, improving = best[improving], i[improving], j[improving], improving[improving]
-        batch.swap(i, j, best, improving)
-        swaps[batch.ids[improving]] += 1
+            best, i, j = best[improving], i[improving], j[improving]
+        batch.swap(i, j, best)
+        swaps[batch.ids] += 1
     mask[batch.ids] = batch.keep
 
 
