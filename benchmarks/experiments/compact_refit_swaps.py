@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import sparseswaps as ss  # noqa: E402
+from refit_swaps_against_commit import real_layer_cases  # noqa: E402
 from sparseswaps.solvers.refit_swaps import _RELATIVE_GAIN, refit_swap_rows  # noqa: E402
 
 
@@ -139,30 +140,21 @@ def main() -> None:
     parser.add_argument("--max-iters", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each layout, alternating; the fastest counts")
     args = parser.parse_args()
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(args.real_layers))
-    for name in sorted({key.rsplit(".", 1)[0] for key in tensors}):
-        for target in args.targets.split(","):
-            spec = {"pattern": target} if ":" in target else {"sparsity": float(target)}
-            problem = ss.MaskProblem(tensors[f"{name}.weight"][:args.rows].float(), tensors[f"{name}.gram"].float(),
-                                     check_psd=False, **spec)
-            start = ss.solve(problem, "alps").mask
-            group = problem.pattern.m if ":" in target else None
-            runs = {"full": lambda: refit_swap_rows(problem.weight, problem.gram, start, args.max_iters, group, 1e-6,
-                                                    len(start)),
-                    "compact": lambda: compact_refit_swap_rows(problem.weight, problem.gram, start, args.max_iters,
-                                                               group, 1e-6)}
-            seconds, results = {"full": [], "compact": []}, {}
-            for _ in range(args.repeat):
-                for label, run in runs.items():
-                    began = time.perf_counter()
-                    results[label] = run()
-                    seconds[label].append(time.perf_counter() - began)
-            full, compact = results["full"], results["compact"]
-            print(f"{name} {target}: same masks {torch.equal(full[0], compact[0])}, same swaps per row "
-                  f"{torch.equal(full[1], compact[1])}, {int(full[1].sum())} swaps, fastest of {args.repeat}: "
-                  f"full {min(seconds['full']):.2f} s, compact {min(seconds['compact']):.2f} s", flush=True)
+    for name, target, problem, start, group in real_layer_cases(args.real_layers, args.rows, args.targets):
+        runs = {"full": lambda: refit_swap_rows(problem.weight, problem.gram, start, args.max_iters, group, 1e-6,
+                                                len(start)),
+                "compact": lambda: compact_refit_swap_rows(problem.weight, problem.gram, start, args.max_iters,
+                                                           group, 1e-6)}
+        seconds, results = {"full": [], "compact": []}, {}
+        for _ in range(args.repeat):
+            for label, run in runs.items():
+                began = time.perf_counter()
+                results[label] = run()
+                seconds[label].append(time.perf_counter() - began)
+        full, compact = results["full"], results["compact"]
+        print(f"{name} {target}: same masks {torch.equal(full[0], compact[0])}, same swaps per row "
+              f"{torch.equal(full[1], compact[1])}, {int(full[1].sum())} swaps, fastest of {args.repeat}: "
+              f"full {min(seconds['full']):.2f} s, compact {min(seconds['compact']):.2f} s", flush=True)
 
 
 if __name__ == "__main__":

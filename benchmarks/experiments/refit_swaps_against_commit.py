@@ -50,23 +50,30 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each version; the fastest is reported "
                         "(2 on CUDA: the first compiles the fused scan)")
     args = parser.parse_args()
+    old = module_at(args.commit, args.source)
+    for name, target, problem, start, group in real_layer_cases(args.real_layers, args.rows, args.targets,
+                                                                args.device):
+        options = (problem.weight, problem.gram, start, args.max_iters, group, 1e-6, args.batch_rows)
+        then, then_s = timed(args.repeat, old.refit_swap_rows, *options)
+        now, now_s = timed(args.repeat, refit_swap_rows, *options)
+        print(f"{name} {target}: same masks {torch.equal(then[0], now[0])}, same swaps per row "
+              f"{torch.equal(then[1], now[1])}, {int(now[1].sum())} swaps, {then_s:.2f} s then, "
+              f"{now_s:.2f} s now", flush=True)
+
+
+def real_layer_cases(path: Path, rows: int, targets: str, device: str = "cpu"):
+    """(layer name, target, problem of its first `rows` rows, ALPS's mask, N:M group or None) for every layer
+    of a file from export_layers.py and every target."""
     from safetensors.torch import load_file
 
-    old = module_at(args.commit, args.source)
-    tensors = load_file(str(args.real_layers))
+    tensors = load_file(str(path))
     for name in sorted({key.rsplit(".", 1)[0] for key in tensors}):
-        for target in args.targets.split(","):
+        for target in targets.split(","):
             spec = {"pattern": target} if ":" in target else {"sparsity": float(target)}
-            problem = ss.MaskProblem(tensors[f"{name}.weight"][:args.rows].float().to(args.device),
-                                     tensors[f"{name}.gram"].float().to(args.device), check_psd=False, **spec)
-            start = ss.solve(problem, "alps").mask
+            problem = ss.MaskProblem(tensors[f"{name}.weight"][:rows].float().to(device),
+                                     tensors[f"{name}.gram"].float().to(device), check_psd=False, **spec)
             group = problem.pattern.m if ":" in target else None
-            options = (problem.weight, problem.gram, start, args.max_iters, group, 1e-6, args.batch_rows)
-            then, then_s = timed(args.repeat, old.refit_swap_rows, *options)
-            now, now_s = timed(args.repeat, refit_swap_rows, *options)
-            print(f"{name} {target}: same masks {torch.equal(then[0], now[0])}, same swaps per row "
-                  f"{torch.equal(then[1], now[1])}, {int(now[1].sum())} swaps, {then_s:.2f} s then, "
-                  f"{now_s:.2f} s now", flush=True)
+            yield name, target, problem, ss.solve(problem, "alps").mask, group
 
 
 def timed(repeat: int, function, *args):
