@@ -271,7 +271,7 @@ def test_refit_swaps_on_cuda_take_the_reference_swaps(spec):
 @pytest.mark.parametrize("spec, group", [({"sparsity": 0.5}, None), ({"sparsity": 0.7}, None), ({"pattern": "2:4"}, 4),
                                          ({"pattern": "2:3"}, 3)])
 def test_fused_refit_scan_picks_the_torch_scans_swap_bit_for_bit(spec, group):
-    """The Triton scan of refit_swaps (without fused multiply-adds) gives the torch scan's best Δ, i and j
+    """The Triton scan of refit_swaps (without fused multiply-adds) gives the torch scan's best Δ and slots
     exactly, along a refinement path, ties included (every input appears twice)."""
     from sparseswaps.solvers.refit_swaps import _Batch
 
@@ -282,9 +282,9 @@ def test_fused_refit_scan_picks_the_torch_scans_swap_bit_for_bit(spec, group):
     weight = problem.weight.double().cuda().repeat(1, 2)
     keep = ss.solve(ss.MaskProblem(weight.float(), gram.float(), pattern=problem.pattern), "magnitude").mask
     scale = float(gram.diagonal().max())
-    fused, plain = (_Batch(weight, gram, gram, keep, fused=f) for f in (True, False))
+    fused, plain = (_Batch(weight, gram, gram, keep, group, fused=f) for f in (True, False))
     for _ in range(6):
-        got, want = fused.best_swaps(group, scale), plain.best_swaps(group, scale)
+        got, want = fused.best_swaps(scale), plain.best_swaps(scale)
         for a, b in zip(got, want):
             assert torch.equal(a, b)
         for batch in (fused, plain):

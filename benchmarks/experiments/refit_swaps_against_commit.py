@@ -24,17 +24,27 @@ import sparseswaps as ss  # noqa: E402
 from sparseswaps.solvers.refit_swaps import refit_swap_rows  # noqa: E402
 
 
-def module_at(commit: str, source_file: Path | None = None) -> types.ModuleType:
-    """refit_swaps.py at `commit`, or from `source_file` where the tree travels without its git history."""
-    source = source_file.read_text() if source_file else subprocess.run(
-        ["git", "show", f"{commit}:sparseswaps/solvers/refit_swaps.py"], check=True, capture_output=True,
-        text=True).stdout
+def module_at(commit: str, source_file: Path | None = None, triton_file: Path | None = None) -> types.ModuleType:
+    """refit_swaps.py at `commit` with that commit's refit_triton.py where it imports one, from git or, where
+    the tree travels without its git history, from the files saved with git show."""
+    source = source_file.read_text() if source_file else git_show(commit, "refit_swaps.py")
     module = types.ModuleType(f"refit_swaps_{commit}")
     module.__dict__["__name__"] = f"sparseswaps.solvers.refit_swaps_{commit}"
     module.__dict__["__package__"] = "sparseswaps.solvers"
+    if "from . import refit_triton" in source:
+        triton_source = triton_file.read_text() if triton_file else git_show(commit, "refit_triton.py")
+        kernels = types.ModuleType(f"refit_triton_{commit}")
+        exec(compile(triton_source, f"{commit}:refit_triton.py", "exec"), kernels.__dict__)
+        source = source.replace("from . import refit_triton", "")
+        module.__dict__["refit_triton"] = kernels
     exec(compile(source.replace('@register("refit_swaps")', f'@register("refit_swaps_{commit}")'),
                  f"{commit}:refit_swaps.py", "exec"), module.__dict__)
     return module
+
+
+def git_show(commit: str, name: str) -> str:
+    return subprocess.run(["git", "show", f"{commit}:sparseswaps/solvers/{name}"], check=True, capture_output=True,
+                          text=True).stdout
 
 
 def main() -> None:
@@ -44,13 +54,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--targets", default="0.5,2:4")
     parser.add_argument("--source", type=Path, help="that commit's refit_swaps.py, saved with git show")
+    parser.add_argument("--source-triton", type=Path, help="that commit's refit_triton.py, saved with git show")
     parser.add_argument("--max-iters", type=int, default=20)
     parser.add_argument("--batch-rows", type=int, help="rows refined together (default: the solver's budget)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each version; the fastest is reported "
                         "(2 on CUDA: the first compiles the fused scan)")
     args = parser.parse_args()
-    old = module_at(args.commit, args.source)
+    old = module_at(args.commit, args.source, args.source_triton)
     for name, target, problem, start, group in real_layer_cases(args.real_layers, args.rows, args.targets,
                                                                 args.device):
         options = (problem.weight, problem.gram, start, args.max_iters, group, 1e-6, args.batch_rows)

@@ -72,96 +72,134 @@ def refit_swap_row(w, gram, keep, max_iters: int, group: int | None = None) -> t
 
 
 class _Batch:
-    """The re-fitted state of a batch of rows [B] in the full index space (d x d per row), updated by rank-one
-    steps after each swap instead of re-solved: H = (G_SS + λI)⁻¹ on S x S, v = H g_S, U = H G_SN on
-    S x N, r_l = g_l - G_lS v and C_l = G_ll + λ - G_lS H G_Sl on N (other entries zero or unused), and E.
-    A drop of i (H_ii, h = H[:, i]) and an add of j (u = U[:, j], c = C_j, t_l = G_jl - uᵀ G_:l) follow the
-    bordered-inverse formulas: O(d²) per row and swap, where re-solving costs O(d³)."""
+    """The re-fitted state of a batch of rows [B] on their kept slots [B, k] and pruned slots [B, p] (`kept`
+    and `pruned` name each slot's input), updated by rank-one steps after each swap instead of re-solved:
+    H = (G_SS + λI)⁻¹ [B, k, k], v = H g_S [B, k], U = H G_SN [B, k, p], r_l = g_l - G_lS v and
+    C_l = G_ll + λ - G_lS H G_Sl [B, p], and E [B]. A swap drops the input of kept slot a and adds that of
+    pruned slot b, which trade inputs; the drop (H_ii, h = H[:, a]) and the add (u = U[:, b], c = C_b,
+    t_l = G_jl - uᵀ G_Sl) follow the bordered-inverse formulas: O(k d) per row and swap, where re-solving
+    costs O(k³), on a state of k d entries where the full index space needs 2 d². Under an N:M pattern each
+    group's inputs hold consecutive slots, kept and pruned alike (a swap stays in its group), so the scan reads
+    only the groups' diagonal blocks of U."""
 
-    def __init__(self, w, gram, damped, keep, fused: bool = False):
-        self.fused = fused
-        self.rows, self.keep = torch.arange(len(w), device=w.device), keep.clone()
+    def __init__(self, w, gram, damped, keep, group: int | None, fused: bool = False):
+        batch, d = keep.shape
+        self.fused, self.group, self.d = fused, group, d
+        self.rows = torch.arange(batch, device=w.device)
         self.gram, self.damped = gram, damped
-        both = keep[:, :, None] & keep[:, None, :]
-        eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-        self.h = torch.cholesky_inverse(torch.linalg.cholesky(torch.where(both, damped, eye))) * both
+        self.kept = keep.nonzero()[:, 1].view(batch, -1)                   # ascending in each row
+        self.pruned = (~keep).nonzero()[:, 1].view(batch, -1)
+        self.groups = d // group if group else 1
         g = w @ gram
-        self.v = (self.h @ g.unsqueeze(2)).squeeze(2)
-        self.u = self.h @ gram
-        self.r = g - self.v @ gram
-        self.c = damped.diagonal() - torch.einsum("sl,bsl->bl", gram, self.u)
-        self.error = (w * g).sum(1) - (g * self.v).sum(1)
+        g_kept = g.gather(1, self.kept)
+        system = damped[self.kept[:, :, None], self.kept[:, None, :]]
+        self.h = torch.cholesky_inverse(torch.linalg.cholesky(system))
+        del system
+        self.v = (self.h @ g_kept.unsqueeze(2)).squeeze(2)
+        cross = gram[self.kept[:, :, None], self.pruned[:, None, :]]     # G_SN
+        self.u = self.h @ cross
+        self.r = g.gather(1, self.pruned) - (self.v.unsqueeze(1) @ cross).squeeze(1)
+        self.c = damped.diagonal()[self.pruned] - (cross * self.u).sum(1)
+        self.error = (w * g).sum(1) - (g_kept * self.v).sum(1)
         self.ids = self.rows.clone()
 
-    def best_swaps(self, group: int | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(best Δ, i, j) per row over every swap (kept i, pruned j, one N:M group); ties go to the smallest
-        i, then the smallest j. Only the kept x pruned block of U is read: the scan is memory-bound. `fused`:
-        one Triton kernel computes the same on CUDA (refit_triton.py)."""
+    def keep(self) -> torch.Tensor:
+        """The batch's masks [B, d]."""
+        return torch.zeros(len(self.kept), self.d, dtype=torch.bool, device=self.kept.device).scatter_(1, self.kept, True)
+
+    def best_swaps(self, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(best Δ, kept slot a, pruned slot b) per row over every swap (one N:M group); ties go to the smallest
+        dropped input, then the smallest added one, whatever slots they hold. `fused`: one Triton kernel
+        computes the same on CUDA (refit_triton.py)."""
+        diagonal = self.h.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(self.h.dtype).tiny)
+        ratio = self.v / diagonal
         if self.fused:
-            return refit_triton.best_swaps(self.u, self.h, self.v, self.r, self.c, self.keep, group, 1e-12 * scale)
-        batch, d = self.keep.shape
-        kept = self.keep.nonzero()[:, 1].view(batch, -1)                 # ascending in each row
-        pruned = (~self.keep).nonzero()[:, 1].view(batch, -1)
-        diagonal = self.h.diagonal(dim1=1, dim2=2).gather(1, kept).clamp_min(torch.finfo(self.h.dtype).tiny)
-        v = self.v.gather(1, kept)
-        ratio = v / diagonal
-        u = self.u[self.rows[:, None, None], kept[:, :, None], pruned[:, None, :]]          # [B, k, p]
-        numerator = self.r.gather(1, pruned)[:, None, :] + u * ratio[:, :, None]
-        denominator = self.c.gather(1, pruned)[:, None, :] + u * u / diagonal[:, :, None]
+            best, key = refit_triton.best_swaps(self.u, ratio, diagonal, self.v * ratio, self.r, self.c, self.kept,
+                                                self.pruned, self.d, self.groups, 1e-12 * scale)
+        else:
+            best, key = self._scan(ratio, diagonal, scale)
+        i, j = key // self.d, key % self.d
+        return best, _slot_of(self.kept, i), _slot_of(self.pruned, j)
+
+    def _scan(self, ratio, diagonal, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """(best Δ, its key i·d + j) per row, as [B, groups, k/groups, p/groups] blocks of the pairs."""
+        batch, groups = len(self.kept), self.groups
+
+        def blocks(slots):                                             # [B, k] -> [B, groups, k / groups]
+            return slots.view(batch, groups, -1)
+
+        u = self.u.view(batch, groups, self.u.shape[1] // groups, groups, -1).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+        numerator = blocks(self.r)[:, :, None, :] + u * blocks(ratio)[:, :, :, None]
+        denominator = blocks(self.c)[:, :, None, :] + u * u / blocks(diagonal)[:, :, :, None]
         gain = torch.where(denominator > 1e-12 * scale, numerator * numerator / denominator.clamp_min(1e-300), 0.0)
-        delta = (v * ratio)[:, :, None] - gain
-        if group is not None:
-            delta = torch.where(kept[:, :, None] // group == pruned[:, None, :] // group, delta, torch.inf)
-        flat = delta.flatten(1)
-        at = flat.argmin(1, keepdim=True)                                 # first minimum
-        width = pruned.shape[1]
-        return flat.gather(1, at).squeeze(1), kept.gather(1, at // width).squeeze(1), pruned.gather(1, at % width).squeeze(1)
+        delta = (blocks(self.v * ratio)[:, :, :, None] - gain).flatten(1)
+        best = delta.min(1).values
+        key = (blocks(self.kept)[:, :, :, None] * self.d + blocks(self.pruned)[:, :, None, :]).flatten(1)
+        return best, torch.where(delta == best[:, None], key, self.d * self.d).min(1).values
 
     def select(self, going_on: torch.Tensor) -> None:
-        for name in ("keep", "h", "v", "u", "r", "c", "error", "ids"):
+        for name in ("kept", "pruned", "h", "v", "u", "r", "c", "error", "ids"):
             setattr(self, name, getattr(self, name)[going_on])
         self.rows = torch.arange(len(self.ids), device=self.ids.device)
 
-    def swap(self, i: torch.Tensor, j: torch.Tensor, delta: torch.Tensor) -> None:
-        """Drop i and add j in every row of the batch."""
-        self._drop(i)
-        self._add(j)
+    def swap(self, a: torch.Tensor, b: torch.Tensor, delta: torch.Tensor) -> None:
+        """Drop the input of kept slot a and add that of pruned slot b in every row; they trade slots."""
+        i, j = self.kept[self.rows, a], self.pruned[self.rows, b]
+        added = self._drop(a, b, i)
+        self._add(a, j, added)
         self.error += delta
 
-    def _drop(self, i):
+    def _drop(self, a, b, i) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Remove slot a from the kept system and give its input i pruned slot b; returns the state (U, C, r)
+        that slot b held for the input to be added."""
         rows = self.rows
-        h_i = self.h[rows, :, i]                           # [B, d]
-        h_ii = h_i[rows, i][:, None]
-        v_i, u_i = self.v[rows, i][:, None], self.u[rows, i, :]
-        self.h.baddbmm_(h_i[:, :, None], (h_i / h_ii)[:, None, :], alpha=-1)     # in place: no [B, d, d] temporary
+        h_i = self.h[rows, :, a]                           # [B, k]
+        h_ii = h_i[rows, a][:, None]
+        v_i, u_i = self.v[rows, a][:, None], self.u[rows, a, :]
+        self.h.baddbmm_(h_i[:, :, None], (h_i / h_ii)[:, None, :], alpha=-1)     # in place: no [B, k, k] temporary
         self.v -= h_i * (v_i / h_ii)
         self.u.baddbmm_(h_i[:, :, None], (u_i / h_ii)[:, None, :], alpha=-1)
         self.c += u_i * u_i / h_ii
         self.r += u_i * (v_i / h_ii)
-        self.keep[rows, i] = False
-        h_i[rows, i] = 0
-        self.u[rows, :, i] = -h_i / h_ii
-        self.c[rows, i], self.r[rows, i] = 1 / h_ii[:, 0], v_i[:, 0] / h_ii[:, 0]
+        self.h[rows, a, :], self.h[rows, :, a], self.u[rows, a, :], self.v[rows, a] = 0, 0, 0, 0
+        h_i[rows, a] = 0
+        added = self.u[rows, :, b], self.c[rows, b][:, None], self.r[rows, b][:, None]
+        self.u[rows, :, b] = -h_i / h_ii
+        self.c[rows, b], self.r[rows, b] = 1 / h_ii[:, 0], v_i[:, 0] / h_ii[:, 0]
+        self.pruned[rows, b] = i
+        return added
 
-    def _add(self, j):
+    def _add(self, a, j, added):
+        """Put input j, with the pruned-slot state `added` set aside for it, into the empty kept slot a."""
         rows = self.rows
-        u_j = self.u[rows, :, j]                           # [B, d], zero outside S
-        c_j, r_j = self.c[rows, j][:, None], self.r[rows, j][:, None]
-        t = self.damped[j] - u_j @ self.gram               # [B, d]
+        u_j, c_j, r_j = added                              # u_j [B, k] is zero at slot a
+        spread = torch.zeros(len(rows), self.d, dtype=u_j.dtype, device=u_j.device).scatter_(1, self.kept, u_j)
+        t = (self.damped[j] - spread @ self.gram).gather(1, self.pruned)    # [B, p]
         self.h.baddbmm_(u_j[:, :, None], (u_j / c_j)[:, None, :])
-        self.h[rows, :, j] = -u_j / c_j
-        self.h[rows, j, :] = -u_j / c_j
-        self.h[rows, j, j] = 1 / c_j[:, 0]
+        self.h[rows, :, a] = -u_j / c_j
+        self.h[rows, a, :] = -u_j / c_j
+        self.h[rows, a, a] = 1 / c_j[:, 0]
         self.v -= u_j * (r_j / c_j)
-        self.v[rows, j] = r_j[:, 0] / c_j[:, 0]
+        self.v[rows, a] = r_j[:, 0] / c_j[:, 0]
         self.u.baddbmm_(u_j[:, :, None], (t / c_j)[:, None, :], alpha=-1)
-        self.u[rows, j, :] = t / c_j
+        self.u[rows, a, :] = t / c_j
         self.c -= t * t / c_j
         self.r -= t * (r_j / c_j)
-        self.keep[rows, j] = True
+        self.kept[rows, a] = j
 
 
-_BYTES_PER_ENTRY = 8 * 8       # float64: H, U and the scan's temporaries, per (row, i, j)
+def _slot_of(slots: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The slot holding `index` in each row (slot 0 where none does: a row with no swap left)."""
+    return (slots == index[:, None]).int().argmax(1)
+
+
+def _bytes_per_row(kept: int, pruned: int, groups: int, fused: bool) -> int:
+    """float64 bytes one row of a batch needs: H and U, and the larger of what building them and the torch
+    scan ([k, p / groups] temporaries, about eight) hold besides."""
+    state = 8 * (kept * kept + kept * pruned)
+    setup = 8 * (2 * kept * kept + kept * pruned)
+    scan = 0 if fused else 64 * kept * pruned // groups
+    return state + max(setup, scan)
 
 
 def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None, damping: float = 0.0,
@@ -179,12 +217,16 @@ def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None
     weight, mask = weight.to(torch.float64), keep.clone()
     swaps = torch.zeros(len(weight), dtype=torch.long, device=weight.device)
     converged = torch.zeros(len(weight), dtype=torch.bool, device=weight.device)
-    batch_rows = batch_rows or _batch_rows(len(gram), weight.device)
+    kept = _kept_per_row(keep, group)
+    if kept in (0, keep.shape[1]):
+        return mask, swaps, converged.fill_(True)                    # nothing to swap
+    groups = keep.shape[1] // group if group else 1
+    batch_rows = batch_rows or _batch_rows(_bytes_per_row(kept, keep.shape[1] - kept, groups, fused), weight.device)
     start = 0
     while start < len(weight):
         rows = slice(start, start + batch_rows)
         try:
-            _refine(_Batch(weight[rows], gram, damped, keep[rows], fused), weight[rows], gram, group, scale, max_iters,
+            _refine(_Batch(weight[rows], gram, damped, keep[rows], group, fused), weight[rows], gram, scale, max_iters,
                     mask[rows], swaps[rows], converged[rows])
         except torch.cuda.OutOfMemoryError:
             if batch_rows == 1:
@@ -199,23 +241,37 @@ def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None
     return mask, swaps, converged
 
 
-def _refine(batch, weight, gram, group, scale, max_iters, mask, swaps, converged) -> None:
+def _kept_per_row(keep: torch.Tensor, group: int | None) -> int:
+    """k, which every row (and under N:M every group of `group` inputs, in the same share) must keep alike."""
+    counts = keep.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise SolverError("refit_swaps needs the same number of kept inputs in every row of the warm start")
+    if group is not None:
+        if keep.shape[1] % group:
+            raise SolverError(f"refit_swaps: the row width {keep.shape[1]} is not a multiple of the group {group}")
+        per_group = keep.view(len(keep), -1, group).sum(2)
+        if not bool((per_group == per_group[0, 0]).all()):
+            raise SolverError("refit_swaps needs a warm start that keeps the same number in every N:M group")
+    return int(counts[0]) if len(counts) else 0
+
+
+def _refine(batch, weight, gram, scale, max_iters, mask, swaps, converged) -> None:
     """Best improving swap of every row of the batch until none improves by more than a relative 1e-12."""
     energy = (weight * (weight @ gram)).sum(1)
     for _ in range(max_iters):
-        best, i, j = batch.best_swaps(group, scale)
+        best, a, b = batch.best_swaps(scale)
         floor = _RELATIVE_GAIN * torch.maximum(batch.error, _RELATIVE_GAIN * energy[batch.ids])
         improving = best < -floor
         converged[batch.ids[~improving]] = True
-        mask[batch.ids[~improving]] = batch.keep[~improving]
+        mask[batch.ids[~improving]] = batch.keep()[~improving]
         if not bool(improving.any()):
             return
         if not bool(improving.all()):
             batch.select(improving)
-            best, i, j = best[improving], i[improving], j[improving]
-        batch.swap(i, j, best)
+            best, a, b = best[improving], a[improving], b[improving]
+        batch.swap(a, b, best)
         swaps[batch.ids] += 1
-    mask[batch.ids] = batch.keep
+    mask[batch.ids] = batch.keep()
 
 
 def _fused_scan(engine: str, device: torch.device) -> bool:
@@ -228,11 +284,11 @@ def _fused_scan(engine: str, device: torch.device) -> bool:
     return can and engine != "torch"
 
 
-def _batch_rows(d: int, device: torch.device) -> int:
+def _batch_rows(bytes_per_row: int, device: torch.device) -> int:
     """Rows whose state fits half the free GPU memory, at most 16 GiB (a scan streams the whole state, so
     larger batches gain little and would crowd out other processes), or 256 MiB on the CPU."""
     budget = min(torch.cuda.mem_get_info(device)[0] // 2, 16 << 30) if device.type == "cuda" else 256 << 20
-    return max(1, budget // (_BYTES_PER_ENTRY * d * d))
+    return max(1, budget // bytes_per_row)
 
 
 @register("refit_swaps")

@@ -1,15 +1,16 @@
 """Fused GPU scan of `refit_swaps` (Triton): every row's best swap on the re-fitted error in one pass over U.
 
-The torch scan (`refit_swaps._Batch.best_swaps`) builds the numerator, denominator, gain and Δ of every
-(kept i, pruned j) pair as separate [rows, k, p] tensors: a dozen passes over memory per scan. Here one
-program owns one row and BLOCK_I values of i, walks j in tiles of BLOCK_J reading each U_ij once, and keeps
-the tile's smallest Δ and its flat index i·d + j; torch then reduces the programs' minima per row. Under an
-N:M pattern a swap stays inside one group of M inputs, so when M divides BLOCK_I only the diagonal tile is
-read: O(d·BLOCK_I) per row instead of O(d²).
+The torch scan (`refit_swaps._Batch._scan`) builds the numerator, denominator, gain and Δ of every (kept slot
+a, pruned slot b) pair as separate [rows, k, p] tensors: a dozen passes over memory per scan. Here one
+program owns one row and BLOCK_I kept slots, walks the pruned slots in tiles of BLOCK_J reading each U_ab
+once, and keeps the tile's smallest Δ and its key i·d + j (the inputs the slots hold); torch then reduces the
+programs' minima per row. Under an N:M pattern each group's inputs hold consecutive kept and pruned slots,
+so a program reads only the pruned slots of the groups its kept slots belong to: O(k·BLOCK_I) per row
+instead of O(k·p).
 
 The arithmetic is the torch scan's, operation for operation, and compiles without fused multiply-adds
-(enable_fp_fusion=False), so both pick the same (Δ, i, j) to the last bit (tests/test_gpu.py). Ties go to
-the smallest i, then the smallest j, as torch's argmin does.
+(enable_fp_fusion=False), so both pick the same (Δ, key) to the last bit (tests/test_gpu.py). Ties go to the
+smallest key: the smallest dropped input, then the smallest added one.
 """
 from __future__ import annotations
 
@@ -24,68 +25,69 @@ if AVAILABLE:
     import triton.language as tl
 
     @triton.jit
-    def _best_swap_kernel(u, base, ratio, diagonal, r, c, keep, out_delta, out_index, d, tiles, threshold,
-                          group, stride_ub, stride_ui, DIAGONAL_TILE: tl.constexpr, BLOCK_I: tl.constexpr,
-                          BLOCK_J: tl.constexpr):  # pragma: no cover
+    def _best_swap_kernel(u, base, ratio, diagonal, r, c, kept, pruned, out_delta, out_key, k, p, d, tiles,
+                          threshold, kept_per_group, pruned_per_group, stride_ub, stride_ua, GROUPED: tl.constexpr,
+                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):  # pragma: no cover
         row = tl.program_id(0)
         tile = tl.program_id(1)
-        i = tile * BLOCK_I + tl.arange(0, BLOCK_I)
-        in_i = i < d
-        at_i = row * d + i
-        kept_i = (tl.load(keep + at_i, mask=in_i, other=0) != 0) & in_i
-        base_i = tl.load(base + at_i, mask=in_i, other=0.0)[:, None]
-        ratio_i = tl.load(ratio + at_i, mask=in_i, other=0.0)[:, None]
-        diagonal_i = tl.load(diagonal + at_i, mask=in_i, other=1.0)[:, None]
+        a = tile * BLOCK_I + tl.arange(0, BLOCK_I)
+        in_a = a < k
+        at_a = row * k + a
+        i = tl.load(kept + at_a, mask=in_a, other=0)
+        base_a = tl.load(base + at_a, mask=in_a, other=0.0)[:, None]
+        ratio_a = tl.load(ratio + at_a, mask=in_a, other=0.0)[:, None]
+        diagonal_a = tl.load(diagonal + at_a, mask=in_a, other=1.0)[:, None]
         best = tl.full([BLOCK_I, BLOCK_J], float("inf"), tl.float64)
-        best_at = tl.full([BLOCK_I, BLOCK_J], 0, tl.int64)
-        if DIAGONAL_TILE:
-            start, stop = tile * BLOCK_I, tile * BLOCK_I + BLOCK_I
+        best_key = tl.full([BLOCK_I, BLOCK_J], d * d, tl.int64)
+        if GROUPED:
+            first_a = tile * BLOCK_I
+            last_a = tl.minimum(first_a + BLOCK_I, k) - 1
+            start = (first_a // kept_per_group) * pruned_per_group
+            stop = (last_a // kept_per_group + 1) * pruned_per_group
         else:
-            start, stop = 0, d
+            start, stop = 0, p
         for first in range(start, stop, BLOCK_J):
-            j = first + tl.arange(0, BLOCK_J)
-            in_j = j < d
-            at_j = row * d + j
-            pruned_j = (tl.load(keep + at_j, mask=in_j, other=1) == 0) & in_j
-            allowed = kept_i[:, None] & pruned_j[None, :]
-            if group > 0:
-                allowed &= (i[:, None] // group) == (j[None, :] // group)
-            u_ij = tl.load(u + row.to(tl.int64) * stride_ub + i[:, None] * stride_ui + j[None, :], mask=allowed, other=0.0)
-            numerator = tl.load(r + at_j, mask=in_j, other=0.0)[None, :] + u_ij * ratio_i
-            denominator = tl.load(c + at_j, mask=in_j, other=1.0)[None, :] + u_ij * u_ij / diagonal_i
+            b = first + tl.arange(0, BLOCK_J)
+            in_b = b < stop
+            at_b = row * p + b
+            j = tl.load(pruned + at_b, mask=in_b, other=0)
+            allowed = in_a[:, None] & in_b[None, :]
+            if GROUPED:
+                allowed &= (a[:, None] // kept_per_group) == (b[None, :] // pruned_per_group)
+            u_ab = tl.load(u + row.to(tl.int64) * stride_ub + a[:, None] * stride_ua + b[None, :], mask=allowed,
+                           other=0.0)
+            numerator = tl.load(r + at_b, mask=in_b, other=0.0)[None, :] + u_ab * ratio_a
+            denominator = tl.load(c + at_b, mask=in_b, other=1.0)[None, :] + u_ab * u_ab / diagonal_a
             gain = tl.where(denominator > threshold,
                             numerator * numerator / tl.maximum(denominator, 1e-300), 0.0)
-            delta = tl.where(allowed, base_i - gain, float("inf"))
-            at = i[:, None].to(tl.int64) * d + j[None, :]
-            better = delta < best                # j grows along the loop: on a tie the earlier j stays
+            delta = tl.where(allowed, base_a - gain, float("inf"))
+            key = i[:, None].to(tl.int64) * d + j[None, :]
+            better = allowed & ((delta < best) | ((delta == best) & (key < best_key)))
             best = tl.where(better, delta, best)
-            best_at = tl.where(better, at, best_at)
+            best_key = tl.where(better, key, best_key)
         low = tl.min(best, axis=1)
         low = tl.min(low, axis=0)
-        first_at = tl.min(tl.where(best == low, best_at, d * d), axis=1)
-        first_at = tl.min(first_at, axis=0)
+        first_key = tl.min(tl.where(best == low, best_key, d * d), axis=1)
+        first_key = tl.min(first_key, axis=0)
         tl.store(out_delta + row * tiles + tile, low)
-        tl.store(out_index + row * tiles + tile, first_at)
+        tl.store(out_key + row * tiles + tile, first_key)
 
 
-def best_swaps(u, h, v, r, c, keep, group: int | None, threshold: float):
-    """(best Δ, i, j) per row, as `refit_swaps._Batch.best_swaps` computes them, on CUDA: u and h [B, d, d],
-    v, r and c [B, d] float64, keep [B, d] bool."""
-    batch, d = keep.shape
-    diagonal = h.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(h.dtype).tiny)
-    ratio = v / diagonal
-    base = v * ratio
+def best_swaps(u, ratio, diagonal, base, r, c, kept, pruned, d: int, groups: int, threshold: float):
+    """(best Δ, key i·d + j) per row, as `refit_swaps._Batch._scan` computes them, on CUDA: u [B, k, p],
+    ratio, diagonal and base [B, k] and r and c [B, p] float64, kept [B, k] and pruned [B, p] the inputs the
+    slots hold, `groups` N:M groups per row (1: unstructured)."""
+    batch, k = kept.shape
+    p = pruned.shape[1]
     block_i, block_j = 32, 64
-    tiles = triton.cdiv(d, block_i)
-    diagonal_tile = group is not None and block_i % group == 0
+    tiles = triton.cdiv(k, block_i)
     out_delta = torch.empty(batch, tiles, dtype=torch.float64, device=u.device)
-    out_index = torch.empty(batch, tiles, dtype=torch.int64, device=u.device)
+    out_key = torch.empty(batch, tiles, dtype=torch.int64, device=u.device)
     u = u.contiguous()
     _best_swap_kernel[(batch, tiles)](
         u, base.contiguous(), ratio.contiguous(), diagonal.contiguous(), r.contiguous(), c.contiguous(),
-        keep.contiguous().view(torch.uint8), out_delta, out_index, d, tiles, threshold, group or 0,
-        u.stride(0), u.stride(1), DIAGONAL_TILE=diagonal_tile, BLOCK_I=block_i,
-        BLOCK_J=block_i if diagonal_tile else block_j, num_warps=4, enable_fp_fusion=False)
+        kept.contiguous(), pruned.contiguous(), out_delta, out_key, k, p, d, tiles, threshold, k // groups,
+        p // groups, u.stride(0), u.stride(1), GROUPED=groups > 1, BLOCK_I=block_i,
+        BLOCK_J=32 if groups > 1 else block_j, num_warps=4, enable_fp_fusion=False)
     best = out_delta.min(1).values
-    flat = torch.where(out_delta == best[:, None], out_index, d * d).min(1).values
-    return best, flat // d, flat % d
+    return best, torch.where(out_delta == best[:, None], out_key, d * d).min(1).values
