@@ -11,10 +11,9 @@ least-squares weights of the final mask.
 
 `refit_swap_row` is that, row by row, re-solving the kept system at every swap (O(k² (d - k)) per scan):
 the reference. The solver runs `refit_swap_rows`: batches of rows in float64 on the problem's device, the
-state kept in the full d x d index space and updated in place after each swap by the bordered-inverse
-formulas, so a scan and an update cost O(d²) per row (64 d² bytes of memory per row of a batch budgeted).
-On CUDA the scan is one fused Triton kernel (refit_triton.py). It takes the reference's swaps
-(tests/test_refit.py). An 8B-wide layer still needs 13 GB per row.
+state kept on the kept and pruned slots (H on S x S, U on S x N: k d entries per row) and updated in place
+after each swap by the bordered-inverse formulas, so a scan and an update cost O(k d) per row. On CUDA the
+scan is one fused Triton kernel (refit_triton.py). It takes the reference's swaps (tests/test_refit.py).
 """
 from __future__ import annotations
 
