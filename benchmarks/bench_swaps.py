@@ -78,14 +78,14 @@ def measured_fma_rate(dtype: torch.dtype) -> float:
     return block * programs * iterations * 8 / seconds
 
 
-def synthetic_layer(rows: int, d: int, seed: int, tokens: int = 2048, rank: int = 256):
+def synthetic_layer(rows: int, d: int, seed: int, tokens: int = 2048, rank: int = 256, device: str = "cuda"):
     """(weight, G): correlated low-rank activations plus noise, a few heavy outlier channels."""
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    latent = torch.randn(tokens, rank, device="cuda", generator=generator)
-    mixing = torch.randn(rank, d, device="cuda", generator=generator) / rank ** 0.5
-    x = latent @ mixing + 0.5 * torch.randn(tokens, d, device="cuda", generator=generator)
-    x[:, torch.randperm(d, device="cuda", generator=generator)[: max(1, d // 256)]] *= 30
-    weight = torch.randn(rows, d, device="cuda", generator=generator) * 0.02
+    generator = torch.Generator(device=device).manual_seed(seed)
+    latent = torch.randn(tokens, rank, device=device, generator=generator)
+    mixing = torch.randn(rank, d, device=device, generator=generator) / rank ** 0.5
+    x = latent @ mixing + 0.5 * torch.randn(tokens, d, device=device, generator=generator)
+    x[:, torch.randperm(d, device=device, generator=generator)[: max(1, d // 256)]] *= 30
+    weight = torch.randn(rows, d, device=device, generator=generator) * 0.02
     weight *= torch.empty_like(weight).exponential_(generator=generator)   # heavier tails
     return weight, x.T @ x
 

@@ -10,7 +10,9 @@ refine ALPS's mask on every layer of a file from export_layers.py with the commi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import subprocess
+import tempfile
 import time
 import sys
 import types
@@ -32,14 +34,22 @@ def module_at(commit: str, source_file: Path | None = None, triton_file: Path | 
     module.__dict__["__name__"] = f"sparseswaps.solvers.refit_swaps_{commit}"
     module.__dict__["__package__"] = "sparseswaps.solvers"
     if "from . import refit_triton" in source:
-        triton_source = triton_file.read_text() if triton_file else git_show(commit, "refit_triton.py")
-        kernels = types.ModuleType(f"refit_triton_{commit}")
-        exec(compile(triton_source, f"{commit}:refit_triton.py", "exec"), kernels.__dict__)
+        module.__dict__["refit_triton"] = kernels_at(commit, triton_file)
         source = source.replace("from . import refit_triton", "")
-        module.__dict__["refit_triton"] = kernels
     exec(compile(source.replace('@register("refit_swaps")', f'@register("refit_swaps_{commit}")'),
                  f"{commit}:refit_swaps.py", "exec"), module.__dict__)
     return module
+
+
+def kernels_at(commit: str, triton_file: Path | None) -> types.ModuleType:
+    """refit_triton.py at `commit`, imported from a file: Triton reads a kernel's source from its file."""
+    if triton_file is None:
+        triton_file = Path(tempfile.mkdtemp()) / f"refit_triton_{commit}.py"
+        triton_file.write_text(git_show(commit, "refit_triton.py"))
+    spec = importlib.util.spec_from_file_location(f"refit_triton_{commit}", triton_file)
+    kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels)
+    return kernels
 
 
 def git_show(commit: str, name: str) -> str:
