@@ -81,24 +81,25 @@ class _Batch:
     group's inputs hold consecutive slots, kept and pruned alike (a swap stays in its group), so the scan reads
     only the groups' diagonal blocks of U."""
 
-    def __init__(self, w, gram, damped, keep, group: int | None, fused: bool = False):
+    def __init__(self, w, gram, damping: float, keep, group: int | None, fused: bool = False):
         batch, d = keep.shape
-        self.fused, self.group, self.d = fused, group, d
+        self.fused, self.d = fused, d
         self.rows = torch.arange(batch, device=w.device)
-        self.gram, self.damped = gram, damped
+        self.gram = gram
         self.kept = keep.nonzero()[:, 1].view(batch, -1)                   # ascending in each row
         self.pruned = (~keep).nonzero()[:, 1].view(batch, -1)
         self.groups = d // group if group else 1
         g = w @ gram
         g_kept = g.gather(1, self.kept)
-        system = damped[self.kept[:, :, None], self.kept[:, None, :]]
+        system = gram[self.kept[:, :, None], self.kept[:, None, :]]
+        system.diagonal(dim1=1, dim2=2).add_(damping)
         self.h = torch.cholesky_inverse(torch.linalg.cholesky(system))
         del system
         self.v = (self.h @ g_kept.unsqueeze(2)).squeeze(2)
         cross = gram[self.kept[:, :, None], self.pruned[:, None, :]]     # G_SN
         self.u = self.h @ cross
         self.r = g.gather(1, self.pruned) - (self.v.unsqueeze(1) @ cross).squeeze(1)
-        self.c = damped.diagonal()[self.pruned] - (cross * self.u).sum(1)
+        self.c = (gram.diagonal()[self.pruned] + damping) - (cross * self.u).sum(1)
         self.error = (w * g).sum(1) - (g_kept * self.v).sum(1)
         self.ids = self.rows.clone()
 
@@ -173,7 +174,7 @@ class _Batch:
         rows = self.rows
         u_j, c_j, r_j = added                              # u_j [B, k] is zero at slot a
         spread = torch.zeros(len(rows), self.d, dtype=u_j.dtype, device=u_j.device).scatter_(1, self.kept, u_j)
-        t = (self.damped[j] - spread @ self.gram).gather(1, self.pruned)    # [B, p]
+        t = (self.gram[j] - spread @ self.gram).gather(1, self.pruned)      # [B, p]; λ only on j's own entry, not pruned
         self.h.baddbmm_(u_j[:, :, None], (u_j / c_j)[:, None, :])
         self.h[rows, :, a] = -u_j / c_j
         self.h[rows, a, :] = -u_j / c_j
@@ -211,7 +212,7 @@ def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None
     only), "torch" or "auto" (Triton where it can run)."""
     fused = _fused_scan(engine, weight.device)
     gram = with_diagonal_damping(gram.to(torch.float64), diagonal_damping)
-    damped = gram + damping * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    damping = float(damping * gram.diagonal().mean())                # λ, added to the kept block's diagonal
     scale = float(gram.diagonal().max().clamp_min(torch.finfo(gram.dtype).tiny))
     weight, mask = weight.to(torch.float64), keep.clone()
     swaps = torch.zeros(len(weight), dtype=torch.long, device=weight.device)
@@ -225,7 +226,7 @@ def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None
     while start < len(weight):
         rows = slice(start, start + batch_rows)
         try:
-            _refine(_Batch(weight[rows], gram, damped, keep[rows], group, fused), weight[rows], gram, scale, max_iters,
+            _refine(_Batch(weight[rows], gram, damping, keep[rows], group, fused), weight[rows], gram, scale, max_iters,
                     mask[rows], swaps[rows], converged[rows])
         except torch.cuda.OutOfMemoryError:
             if batch_rows == 1:
