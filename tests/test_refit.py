@@ -326,3 +326,25 @@ def test_alps_option_errors_are_solver_errors():
     problem, _ = make_problem("correlated", rows=4, d=16, seed=0, sparsity=0.5)
     with pytest.raises(SolverError, match="alps needs rho > 0"):
         ss.solve(problem, "alps", rho=0.0)
+
+
+def test_refit_swap_rows_refuse_warm_starts_they_cannot_batch():
+    """Rows keeping different counts, or N:M groups keeping different counts, get an error that says so."""
+    from sparseswaps.solvers.refit_swaps import refit_swap_rows
+
+    problem, _ = make_problem("correlated", rows=2, d=8, seed=1, tokens=32, sparsity=0.5)
+    uneven = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    with pytest.raises(SolverError, match="same number of kept inputs in every row"):
+        refit_swap_rows(problem.weight, problem.gram, uneven, 10)
+    lopsided = torch.tensor([[1, 1, 1, 0, 1, 0, 0, 0]] * 2, dtype=torch.bool)
+    with pytest.raises(SolverError, match="every N:M group"):
+        refit_swap_rows(problem.weight, problem.gram, lopsided, 10, group=4)
+
+
+def test_refit_swap_rows_with_nothing_to_swap_return_the_warm_start():
+    from sparseswaps.solvers.refit_swaps import refit_swap_rows
+
+    problem, _ = make_problem("correlated", rows=2, d=8, seed=1, tokens=32, sparsity=0.5)
+    for keep in (torch.ones(2, 8, dtype=torch.bool), torch.zeros(2, 8, dtype=torch.bool)):
+        mask, swaps, converged = refit_swap_rows(problem.weight, problem.gram, keep, 10)
+        assert torch.equal(mask, keep) and swaps.sum() == 0 and converged.all()
