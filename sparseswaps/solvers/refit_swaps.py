@@ -249,7 +249,7 @@ def _kept_per_row(keep: torch.Tensor, group: int | None) -> int:
     if group is not None:
         if keep.shape[1] % group:
             raise SolverError(f"refit_swaps: the row width {keep.shape[1]} is not a multiple of the group {group}")
-        per_group = keep.view(len(keep), -1, group).sum(2)
+        per_group = keep.reshape(len(keep), -1, group).sum(2)
         if not bool((per_group == per_group[0, 0]).all()):
             raise SolverError("refit_swaps needs a warm start that keeps the same number in every N:M group")
     return int(counts[0]) if len(counts) else 0
