@@ -103,10 +103,14 @@ def table(runs: list[dict]) -> str:
 
 
 def grouped_bars(axis, groups: list[str], series: dict[str, list[float]]) -> None:
-    """One cluster of bars per group, one bar per series (missing values: NaN, drawn as a gap)."""
+    """One cluster of bars per group, one bar per series (missing values: NaN, drawn as a gap), each series its
+    own colour (tab20 beyond ten: the default cycle repeats after ten)."""
+    from matplotlib import colormaps
+
+    colours = colormaps["tab10" if len(series) <= 10 else "tab20"]
     width = 0.8 / len(series)
     for k, (name, heights) in enumerate(series.items()):
-        axis.bar([g + k * width for g in range(len(groups))], heights, width, label=name)
+        axis.bar([g + k * width for g in range(len(groups))], heights, width, label=name, color=colours(k))
     axis.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
 
 
