@@ -2,8 +2,9 @@
 Real layers, on this machine.
 
 The earlier module is read from git (its solver registered under another name so both load), and both
-refine ALPS's mask on every layer of a file from export_layers.py with the committed chain's settings
-(λ = 1e-6, at most 20 swaps per row unless --max-iters says otherwise), one after the other in this process.
+refine a warm start's mask (ALPS's unless --warm-start says otherwise) on every layer of a file from
+export_layers.py with the same settings (λ = 1e-6 and at most 20 swaps per row unless --damping and
+--max-iters say otherwise, --diagonal-damping for the *_diag chains), one after the other in this process.
 
     python benchmarks/experiments/refit_swaps_against_commit.py --commit 8780c0a --real-layers layers.safetensors --rows 48
 """
@@ -66,6 +67,9 @@ def main() -> None:
     parser.add_argument("--source", type=Path, help="that commit's refit_swaps.py, saved with git show")
     parser.add_argument("--source-triton", type=Path, help="that commit's refit_triton.py, saved with git show")
     parser.add_argument("--max-iters", type=int, default=20)
+    parser.add_argument("--warm-start", default="alps", help="the solver whose mask both refine")
+    parser.add_argument("--damping", type=float, default=1e-6, help="λ as a share of mean diag G")
+    parser.add_argument("--diagonal-damping", type=float, default=0.0, help="as run_pruning's *_diag chains")
     parser.add_argument("--batch-rows", type=int, help="rows refined together (default: the solver's budget)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each version; the fastest is reported "
@@ -73,18 +77,19 @@ def main() -> None:
     args = parser.parse_args()
     old = module_at(args.commit, args.source, args.source_triton)
     for name, target, problem, start, group in real_layer_cases(args.real_layers, args.rows, args.targets,
-                                                                args.device):
-        options = (problem.weight, problem.gram, start, args.max_iters, group, 1e-6, args.batch_rows)
-        then, then_s = timed(args.repeat, old.refit_swap_rows, *options)
-        now, now_s = timed(args.repeat, refit_swap_rows, *options)
+                                                                args.device, args.warm_start):
+        options = (problem.weight, problem.gram, start, args.max_iters, group, args.damping, args.batch_rows)
+        extra = {"diagonal_damping": args.diagonal_damping}
+        then, then_s = timed(args.repeat, old.refit_swap_rows, *options, **extra)
+        now, now_s = timed(args.repeat, refit_swap_rows, *options, **extra)
         print(f"{name} {target}: same masks {torch.equal(then[0], now[0])}, same swaps per row "
               f"{torch.equal(then[1], now[1])}, {int(now[1].sum())} swaps, {then_s:.2f} s then, "
               f"{now_s:.2f} s now", flush=True)
 
 
-def real_layer_cases(path: Path, rows: int, targets: str, device: str = "cpu"):
-    """(layer name, target, problem of its first `rows` rows, ALPS's mask, N:M group or None) for every layer
-    of a file from export_layers.py and every target."""
+def real_layer_cases(path: Path, rows: int, targets: str, device: str = "cpu", warm_start: str = "alps"):
+    """(layer name, target, problem of its first `rows` rows, the warm start's mask, N:M group or None) for
+    every layer of a file from export_layers.py and every target."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
@@ -94,15 +99,15 @@ def real_layer_cases(path: Path, rows: int, targets: str, device: str = "cpu"):
             problem = ss.MaskProblem(tensors[f"{name}.weight"][:rows].float().to(device),
                                      tensors[f"{name}.gram"].float().to(device), check_psd=False, **spec)
             group = problem.pattern.m if ":" in target else None
-            yield name, target, problem, ss.solve(problem, "alps").mask, group
+            yield name, target, problem, ss.solve(problem, warm_start).mask, group
 
 
-def timed(repeat: int, function, *args):
+def timed(repeat: int, function, *args, **options):
     """(result, fastest seconds of `repeat` runs)."""
     seconds = []
     for _ in range(repeat):
         began = time.perf_counter()
-        result = function(*args)
+        result = function(*args, **options)
         if result[0].is_cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - began)
