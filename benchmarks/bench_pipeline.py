@@ -49,9 +49,9 @@ def method_arguments(method: str) -> list[str]:
             + (["--update-weights"] if chosen.update_weights else []))
 
 
-def uses_swaps(method: str) -> bool:
-    """Whether the method runs the swaps solver (the --solver-option flags are its options)."""
-    return "swaps" in method.split("+")
+def uses_swaps(solver: str) -> bool:
+    """Whether the solver is a swaps solver, the one the --solver-option flags are for."""
+    return solver in ("swaps", "refit_swaps")
 
 
 def llama_config(shape: str, blocks: int):
@@ -114,7 +114,7 @@ def run_method(model: Path, method: str, args, work: Path, ranks: int = 0) -> di
     command = [*launcher(ranks), "prune", "--model", str(model), *method_arguments(method),
                "--protocol", args.protocol, "--eval", args.eval, "--eval-windows", str(args.eval_windows),
                "--out", str(out), *sum((["--solver-option", o] for o in args.solver_option
-                                        if uses_swaps(method)), [])]
+                                        if uses_swaps(METHODS[method].solver)), [])]
     if args.nsamples:
         command += ["--nsamples", str(args.nsamples)]
     started = time.perf_counter()
@@ -148,9 +148,12 @@ def sizes(shape: str, blocks: int, nsamples: int, seqlen: int) -> dict:
     return {"block_gib": block_params * 2 / 2**30, "calibration_activations_gib": nsamples * seqlen * h * 2 / 2**30}
 
 
-def swap_setting(options: dict) -> str:
+def swap_setting(solver: str, options: dict) -> str:
+    cap = options.get("max_iters")
+    if solver == "refit_swaps":
+        return f" (≤ {cap} swaps/row)" if cap is not None else " (the solver's swap cap)"
     per_scan = options.get("swaps_per_scan", 1)
-    return f" (≤ {options.get('max_iters')} scans, {per_scan} swap{'s' if per_scan > 1 else ''}/scan)"
+    return f" (≤ {cap} scans, {per_scan} swap{'s' if per_scan > 1 else ''}/scan)"
 
 
 def table(runs: list[dict]) -> str:
@@ -162,8 +165,8 @@ def table(runs: list[dict]) -> str:
         stage = run["stage_seconds"]
         gpu = "-" if run["peak_gpu_gib"] is None else f"{run['peak_gpu_gib']:.1f}"
         bound = 3 * run["sizes"]["block_gib"] + run["sizes"]["calibration_activations_gib"]
-        method = run["method"] + (swap_setting(run["config"]["solver_options"]) if uses_swaps(run["method"])
-                                  else "")
+        solver = run["config"]["solver"]
+        method = run["method"] + (swap_setting(solver, run["config"]["solver_options"]) if uses_swaps(solver) else "")
         lines.append(f"| {run['model_shape']} | {run['blocks']} | {method} | {ranks_label(run)} | "
                      f"{run['pruning_seconds']:.1f} | {efficiency(run, runs)} | {run['outside_solver_share']:.0%} | {stage['load_s']:.1f} | {stage['gram_s']:.1f} | "
                      f"{stage['solve_s']:.1f} | {stage['propagate_s']:.1f} | {stage['checkpoint_s']:.1f} | "
