@@ -176,17 +176,58 @@ def test_batched_refit_swaps_take_the_swaps_of_the_row_by_row_reference(family, 
     assert swaps.sum() > len(swaps)
 
 
+def dead_input_problem(spec: dict) -> tuple[ss.MaskProblem, torch.Tensor]:
+    """Input 3 dead (a zero row and column of G, as behind Gemma-3's zero norm channels) and kept by every row
+    of the warm start, which keeps two of every four inputs."""
+    problem, _ = make_problem("correlated", rows=4, d=16, seed=1, tokens=64, **spec)
+    gram = problem.gram.clone()
+    gram[3], gram[:, 3] = 0, 0
+    keep = torch.zeros(4, 16, dtype=torch.bool)
+    keep[:, 0::4] = keep[:, 3::4] = True
+    return ss.MaskProblem(problem.weight, gram, **spec), keep
+
+
+def test_refit_swap_gains_with_a_dead_input_are_the_exact_change_of_the_error():
+    from sparseswaps.solvers.bruteforce import refit_errors
+    from sparseswaps.solvers.refit_swaps import swap_gains
+
+    dead, keep = dead_input_problem({"sparsity": 0.5})
+    w, gram = dead.weight[0].double(), dead.gram.double()
+    delta, kept, pruned, error = swap_gains(w, gram, keep[0])
+    swapped = keep[0].repeat(len(kept) * len(pruned), 1)
+    for a in range(len(kept)):
+        for b in range(len(pruned)):
+            swapped[a * len(pruned) + b, kept[a]] = False
+            swapped[a * len(pruned) + b, pruned[b]] = True
+    errors, _ = refit_errors(w, gram, swapped)
+    torch.testing.assert_close(delta.flatten(), errors - error, rtol=1e-7, atol=1e-9 * error)
+
+
+@pytest.mark.parametrize("spec", [{"sparsity": 0.5}, {"pattern": "2:4"}])
+def test_refit_swaps_take_the_reference_swaps_past_a_dead_input_without_damping(spec):
+    from sparseswaps.solvers.refit_swaps import refit_swap_row
+
+    dead, keep = dead_input_problem(spec)
+    result = ss.solve(dead, "refit_swaps", warm_start=keep)
+    group = 4 if "pattern" in spec else None
+    expected = [refit_swap_row(w, dead.gram.double(), row, 1000, group) for w, row in zip(dead.weight.double(), keep)]
+    assert torch.equal(result.mask, torch.stack([row[0] for row in expected]))
+    assert result.extra["swaps"].tolist() == [row[1] for row in expected] and result.extra["swaps_total"] > 0
+    assert dead.is_feasible(result.mask) and torch.isfinite(result.weight).all()
+
+
 def test_refit_swaps_on_a_singular_kept_block_ask_for_damping():
     problem, _ = make_problem("correlated", rows=2, d=12, seed=1, tokens=48, sparsity=0.5)
-    gram = problem.gram.clone()
-    gram[3], gram[:, 3] = 0, 0                                  # a dead input
-    dead = ss.MaskProblem(problem.weight, gram, sparsity=0.5)
+    weight, gram = problem.weight.clone(), problem.gram.clone()
+    gram[4], gram[:, 4] = gram[3], gram[:, 3]                   # input 4 repeats input 3
+    weight[:, 3] = weight[:, 4] = 1.0
+    repeated = ss.MaskProblem(weight, gram, sparsity=0.5, check_psd=False)
     keep = torch.zeros(2, 12, dtype=torch.bool)
     keep[:, :6] = True
     with pytest.raises(SolverError, match="damping"):
-        ss.solve(dead, "refit_swaps", warm_start=keep)
-    result = ss.solve(dead, "refit_swaps", warm_start=keep, damping=1e-6)
-    assert dead.is_feasible(result.mask) and torch.isfinite(result.weight).all()
+        ss.solve(repeated, "refit_swaps", warm_start=keep)
+    result = ss.solve(repeated, "refit_swaps", warm_start=keep, damping=1e-6)
+    assert repeated.is_feasible(result.mask) and torch.isfinite(result.weight).all()
 
 
 @pytest.mark.parametrize("solver", ["refit", "refit_swaps"])

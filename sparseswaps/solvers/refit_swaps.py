@@ -30,8 +30,10 @@ ENGINES = ("auto", "torch", "triton")
 
 
 def _kept_system(gram: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """H = (G_SS)⁻¹ by least squares, so a singular kept block (a dead input) still gives a minimiser."""
+    """H = (G_SS)⁻¹, a dead input (zero row and column) standing alone with H_ii = 1 so that the swap formulas
+    stay exact for it; by least squares, so a singular kept block still gives a minimiser."""
     system = gram[kept][:, kept]
+    system.diagonal().masked_fill_(system.diagonal() == 0, 1.0)
     return torch.linalg.pinv(system, hermitian=True)
 
 
@@ -92,7 +94,8 @@ class _Batch:
         g = w @ gram
         g_kept = g.gather(1, self.kept)
         system = gram[self.kept[:, :, None], self.kept[:, None, :]]
-        system.diagonal(dim1=1, dim2=2).add_(damping)
+        diagonal = system.diagonal(dim1=1, dim2=2).add_(damping)
+        diagonal.masked_fill_(diagonal == 0, 1.0)      # a dead input (zero row and column of G) stands alone: v = 0
         self.h = torch.cholesky_inverse(torch.linalg.cholesky(system))
         del system
         self.v = (self.h @ g_kept.unsqueeze(2)).squeeze(2)
@@ -314,8 +317,9 @@ class RefitSwapsSolver(Solver):
                                                      max_iters, group, damping, batch_rows, engine,
                                                      diagonal_damping)
         except torch.linalg.LinAlgError as error:
-            raise SolverError(f"refit_swaps: the kept block of G is singular for some row ({error}); set damping "
-                              "> 0 (λ = damping · mean diag G is added to it), e.g. damping=1e-6") from error
+            raise SolverError(f"refit_swaps: the kept block of G is singular for some row ({error}), e.g. a "
+                              "repeated input kept twice; set damping > 0 (λ = damping · mean diag G is added to it), "
+                              "e.g. damping=1e-6") from error
         rows_converged = int(converged.sum())
         termination = Termination.LOCAL_OPTIMUM if rows_converged == problem.rows else Termination.ITERATION_LIMIT
         weight = refit_weights(problem, mask, damping=damping, diagonal_damping=diagonal_damping)
