@@ -7,6 +7,8 @@ export_layers.py with the same settings (λ = 1e-6 and at most 20 swaps per row 
 --max-iters say otherwise, --diagonal-damping for the *_diag chains), one after the other in this process.
 
     python benchmarks/experiments/refit_swaps_against_commit.py --commit 8780c0a --real-layers layers.safetensors --rows 48
+    python benchmarks/experiments/refit_swaps_against_commit.py --commit bd08c6b --synthetic 64 --warm-start wanda \
+        --device cuda --repeat 2
 """
 from __future__ import annotations
 
@@ -61,7 +63,9 @@ def git_show(commit: str, name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--commit", required=True)
-    parser.add_argument("--real-layers", type=Path, required=True)
+    parser.add_argument("--real-layers", type=Path)
+    parser.add_argument("--synthetic", type=int, metavar="ROWS",
+                        help="ROWS rows of two Llama-3-8B-shaped synthetic layers instead (4096 and 14336 inputs)")
     parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--targets", default="0.5,2:4")
     parser.add_argument("--source", type=Path, help="that commit's refit_swaps.py, saved with git show")
@@ -75,9 +79,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each version; the fastest is reported "
                         "(2 on CUDA: the first compiles the fused scan)")
     args = parser.parse_args()
+    if not (args.real_layers or args.synthetic):
+        parser.error("give --real-layers FILE or --synthetic ROWS")
     old = module_at(args.commit, args.source, args.source_triton)
-    for name, target, problem, start, group in real_layer_cases(args.real_layers, args.rows, args.targets,
-                                                                args.device, args.warm_start):
+    cases = (synthetic_cases(args.synthetic, args.targets, args.device, args.warm_start) if args.synthetic else
+             real_layer_cases(args.real_layers, args.rows, args.targets, args.device, args.warm_start))
+    for name, target, problem, start, group in cases:
         options = (problem.weight, problem.gram, start, args.max_iters, group, args.damping, args.batch_rows)
         extra = {"diagonal_damping": args.diagonal_damping}
         then, then_s = timed(args.repeat, old.refit_swap_rows, *options, **extra)
@@ -95,11 +102,26 @@ def real_layer_cases(path: Path, rows: int, targets: str, device: str = "cpu", w
     tensors = load_file(str(path))
     for name in sorted({key.rsplit(".", 1)[0] for key in tensors}):
         for target in targets.split(","):
-            spec = {"pattern": target} if ":" in target else {"sparsity": float(target)}
-            problem = ss.MaskProblem(tensors[f"{name}.weight"][:rows].float().to(device),
-                                     tensors[f"{name}.gram"].float().to(device), check_psd=False, **spec)
-            group = problem.pattern.m if ":" in target else None
-            yield name, target, problem, ss.solve(problem, warm_start).mask, group
+            yield case(name, target, tensors[f"{name}.weight"][:rows].to(device), tensors[f"{name}.gram"].to(device),
+                       warm_start)
+
+
+def synthetic_cases(rows: int, targets: str, device: str, warm_start: str):
+    """The same for `rows` rows of bench_swaps' synthetic layers of Llama-3-8B's widths."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench_swaps import synthetic_layer
+
+    for name, d in (("synthetic 8B q_proj", 4096), ("synthetic 8B down_proj", 14336)):
+        weight, gram = synthetic_layer(rows, d, seed=0, device=device)
+        for target in targets.split(","):
+            yield case(name, target, weight, gram, warm_start)
+
+
+def case(name: str, target: str, weight: torch.Tensor, gram: torch.Tensor, warm_start: str):
+    spec = {"pattern": target} if ":" in target else {"sparsity": float(target)}
+    problem = ss.MaskProblem(weight.float(), gram.float(), check_psd=False, **spec)
+    group = problem.pattern.m if ":" in target else None
+    return name, target, problem, ss.solve(problem, warm_start).mask, group
 
 
 def timed(repeat: int, function, *args, **options):

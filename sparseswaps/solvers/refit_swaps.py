@@ -146,49 +146,43 @@ class _Batch:
         self.rows = torch.arange(len(self.ids), device=self.ids.device)
 
     def swap(self, a: torch.Tensor, b: torch.Tensor, delta: torch.Tensor) -> None:
-        """Drop the input of kept slot a and add that of pruned slot b in every row; they trade slots."""
-        i, j = self.kept[self.rows, a], self.pruned[self.rows, b]
-        added = self._drop(a, b, i)
-        self._add(a, j, added)
-        self.error += delta
-
-    def _drop(self, a, b, i) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Remove slot a from the kept system and give its input i pruned slot b; returns the state (U, C, r)
-        that slot b held for the input to be added."""
+        """Drop the input i of kept slot a and add the input j of pruned slot b in every row; they trade slots.
+        Dropping i is a rank-one downdate of H and U, adding j a rank-one update; both go into one rank-two
+        product each, so H and U, the state that a swap streams, are read and written once."""
         rows = self.rows
-        h_i = self.h[rows, :, a]                           # [B, k]
+        i, j = self.kept[rows, a], self.pruned[rows, b]
+        h_i = self.h[rows, :, a]                                           # [B, k]
         h_ii = h_i[rows, a][:, None]
         v_i, u_i = self.v[rows, a][:, None], self.u[rows, a, :]
-        self.h.baddbmm_(h_i[:, :, None], (h_i / h_ii)[:, None, :], alpha=-1)     # in place: no [B, k, k] temporary
-        self.v -= h_i * (v_i / h_ii)
-        self.u.baddbmm_(h_i[:, :, None], (u_i / h_ii)[:, None, :], alpha=-1)
-        self.c += u_i * u_i / h_ii
-        self.r += u_i * (v_i / h_ii)
-        self.h[rows, a, :], self.h[rows, :, a], self.u[rows, a, :], self.v[rows, a] = 0, 0, 0, 0
-        h_i[rows, a] = 0
-        added = self.u[rows, :, b], self.c[rows, b][:, None], self.r[rows, b][:, None]
-        self.u[rows, :, b] = -h_i / h_ii
-        self.c[rows, b], self.r[rows, b] = 1 / h_ii[:, 0], v_i[:, 0] / h_ii[:, 0]
+        u_ib = u_i[rows, b][:, None]
+        u_j = self.u[rows, :, b] - h_i * (u_ib / h_ii)                     # j's column once i is gone
+        u_j[rows, a] = 0
+        c_j = self.c[rows, b][:, None] + u_ib * u_ib / h_ii
+        r_j = self.r[rows, b][:, None] + u_ib * (v_i / h_ii)
         self.pruned[rows, b] = i
-        return added
-
-    def _add(self, a, j, added):
-        """Put input j, with the pruned-slot state `added` set aside for it, into the empty kept slot a."""
-        rows = self.rows
-        u_j, c_j, r_j = added                              # u_j [B, k] is zero at slot a
         spread = torch.zeros(len(rows), self.d, dtype=u_j.dtype, device=u_j.device).scatter_(1, self.kept, u_j)
-        t = (self.gram[j] - spread @ self.gram).gather(1, self.pruned)      # [B, p]; λ only on j's own entry, not pruned
-        self.h.baddbmm_(u_j[:, :, None], (u_j / c_j)[:, None, :])
-        self.h[rows, :, a] = -u_j / c_j
+        t = (self.gram[j] - spread @ self.gram).gather(1, self.pruned)      # [B, p]; λ only on j's own entry
+        left = torch.stack((h_i, u_j), 2)                                  # [B, k, 2]
+        self.h.baddbmm_(left, torch.stack((-h_i / h_ii, u_j / c_j), 1))    # in place: no [B, k, k] temporary
+        self.u.baddbmm_(left, torch.stack((-u_i / h_ii, -t / c_j), 1))
+        self.v -= h_i * (v_i / h_ii)
+        self.v -= u_j * (r_j / c_j)
+        self.c += u_i * u_i / h_ii
+        self.c -= t * t / c_j
+        self.r += u_i * (v_i / h_ii)
+        self.r -= t * (r_j / c_j)
+        h_i[rows, a] = 0
+        t_b = t[rows, b][:, None]
+        self.u[rows, :, b] = -h_i / h_ii - u_j * (t_b / c_j)               # i's column as a pruned input
+        self.c[rows, b] = (1 / h_ii - t_b * t_b / c_j)[:, 0]
+        self.r[rows, b] = (v_i / h_ii - t_b * (r_j / c_j))[:, 0]
+        self.h[rows, :, a] = -u_j / c_j                                    # j's row and column as a kept input
         self.h[rows, a, :] = -u_j / c_j
         self.h[rows, a, a] = 1 / c_j[:, 0]
-        self.v -= u_j * (r_j / c_j)
-        self.v[rows, a] = r_j[:, 0] / c_j[:, 0]
-        self.u.baddbmm_(u_j[:, :, None], (t / c_j)[:, None, :], alpha=-1)
         self.u[rows, a, :] = t / c_j
-        self.c -= t * t / c_j
-        self.r -= t * (r_j / c_j)
+        self.v[rows, a] = (r_j / c_j)[:, 0]
         self.kept[rows, a] = j
+        self.error += delta
 
 
 def _slot_of(slots: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
