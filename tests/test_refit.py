@@ -216,6 +216,18 @@ def test_refit_swaps_take_the_reference_swaps_past_a_dead_input_without_damping(
     assert dead.is_feasible(result.mask) and torch.isfinite(result.weight).all()
 
 
+def test_refit_swaps_stop_swapping_at_the_time_limit_and_still_refit():
+    problem, _ = make_problem("correlated", rows=4, d=24, seed=2, tokens=96, sparsity=0.5)
+    start = ss.solve(problem, "wanda").mask
+    free = ss.solve(problem, "refit_swaps", warm_start=start)
+    assert free.termination == ss.Termination.LOCAL_OPTIMUM and free.extra["swaps_total"] > 0
+    cut = ss.solve(problem, "refit_swaps", warm_start=start, time_limit=1e-9)
+    assert cut.termination == ss.Termination.TIME_LIMIT and cut.extra["swaps_total"] == 0
+    assert torch.equal(cut.mask, start)
+    refit = ss.solve(problem, "refit", warm_start=start, damping=0.0)
+    torch.testing.assert_close(cut.weight, refit.weight)
+
+
 def test_refit_swaps_on_a_singular_kept_block_ask_for_damping():
     problem, _ = make_problem("correlated", rows=2, d=12, seed=1, tokens=48, sparsity=0.5)
     weight, gram = problem.weight.clone(), problem.gram.clone()

@@ -17,6 +17,8 @@ scan is one fused Triton kernel (refit_triton.py). It takes the reference's swap
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from sparseswaps import NM, MaskProblem, Solution, Solver, Termination, mask_from_scores, register
@@ -200,13 +202,14 @@ def _bytes_per_row(kept: int, pruned: int, groups: int, fused: bool) -> int:
 
 
 def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None, damping: float = 0.0,
-                    batch_rows: int | None = None, engine: str = "auto",
-                    diagonal_damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    batch_rows: int | None = None, engine: str = "auto", diagonal_damping: float = 0.0,
+                    deadline: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mask, swaps per row, whether each row reached a local optimum): best 1-swaps on the re-fitted error
     for every row, batched, float64, on the inputs' device. λ = damping · mean(diag G) is added to the kept
     block (0: the exact least-squares error; it must then be positive definite), and the error is measured
     in G + diagonal_damping · diag(G) (refit.py). `engine`: the scan's implementation, "triton" (fused, CUDA
-    only), "torch" or "auto" (Triton where it can run)."""
+    only), "torch" or "auto" (Triton where it can run). Past `deadline` (time.monotonic()) no row swaps again:
+    each keeps the swaps it took (every one is exact) and rows not reached keep the warm start."""
     fused = _fused_scan(engine, weight.device)
     gram = with_diagonal_damping(gram.to(torch.float64), diagonal_damping)
     damping = float(damping * gram.diagonal().mean())                # λ, added to the kept block's diagonal
@@ -220,11 +223,11 @@ def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None
     groups = keep.shape[1] // group if group else 1
     batch_rows = batch_rows or _batch_rows(_bytes_per_row(kept, keep.shape[1] - kept, groups, fused), weight.device)
     start = 0
-    while start < len(weight):
+    while start < len(weight) and not _past(deadline):
         rows = slice(start, start + batch_rows)
         try:
             _refine(_Batch(weight[rows], gram, damping, keep[rows], group, fused), weight[rows], gram, scale, max_iters,
-                    mask[rows], swaps[rows], converged[rows])
+                    mask[rows], swaps[rows], converged[rows], deadline)
         except torch.cuda.OutOfMemoryError:
             if batch_rows == 1:
                 raise
@@ -252,10 +255,13 @@ def _kept_per_row(keep: torch.Tensor, group: int | None) -> int:
     return int(counts[0]) if len(counts) else 0
 
 
-def _refine(batch, weight, gram, scale, max_iters, mask, swaps, converged) -> None:
-    """Best improving swap of every row of the batch until none improves by more than a relative 1e-12."""
+def _refine(batch, weight, gram, scale, max_iters, mask, swaps, converged, deadline=None) -> None:
+    """Best improving swap of every row of the batch until none improves by more than a relative 1e-12 (or
+    the deadline passes)."""
     energy = (weight * (weight @ gram)).sum(1)
     for _ in range(max_iters):
+        if _past(deadline):
+            break
         best, a, b = batch.best_swaps(scale)
         floor = _RELATIVE_GAIN * torch.maximum(batch.error, _RELATIVE_GAIN * energy[batch.ids])
         improving = best < -floor
@@ -269,6 +275,10 @@ def _refine(batch, weight, gram, scale, max_iters, mask, swaps, converged) -> No
         batch.swap(a, b, best)
         swaps[batch.ids] += 1
     mask[batch.ids] = batch.keep()
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
 
 
 def _fused_scan(engine: str, device: torch.device) -> bool:
@@ -291,7 +301,8 @@ def _batch_rows(bytes_per_row: int, device: torch.device) -> int:
 @register("refit_swaps")
 class RefitSwapsSolver(Solver):
     """Best 1-swaps on the re-fitted error from a warm start (default: Wanda's mask), all rows at once on the
-    problem's device; returns the mask and its least-squares weights."""
+    problem's device; returns the mask and its least-squares weights. Past `time_limit` seconds no row swaps
+    again (termination time_limit; the weights are still re-fitted)."""
 
     warm_start = True
     weights = True
@@ -306,16 +317,18 @@ class RefitSwapsSolver(Solver):
                               f"{diagonal_damping!r}")
         start = warm_start if warm_start is not None else mask_from_scores(problem.wanda_scores(), problem.pattern)
         group = problem.pattern.m if isinstance(problem.pattern, NM) else None
+        deadline = None if time_limit is None else time.monotonic() + time_limit
         try:
             mask, swaps, converged = refit_swap_rows(problem.weight, problem.gram, start.to(problem.device),
                                                      max_iters, group, damping, batch_rows, engine,
-                                                     diagonal_damping)
+                                                     diagonal_damping, deadline)
         except torch.linalg.LinAlgError as error:
             raise SolverError(f"refit_swaps: the kept block of G is singular for some row ({error}), e.g. a "
                               "repeated input kept twice; set damping > 0 (λ = damping · mean diag G is added to it), "
                               "e.g. damping=1e-6") from error
         rows_converged = int(converged.sum())
-        termination = Termination.LOCAL_OPTIMUM if rows_converged == problem.rows else Termination.ITERATION_LIMIT
+        termination = (Termination.LOCAL_OPTIMUM if rows_converged == problem.rows else
+                       Termination.TIME_LIMIT if _past(deadline) else Termination.ITERATION_LIMIT)
         weight = refit_weights(problem, mask, damping=damping, diagonal_damping=diagonal_damping)
         return Solution(mask, termination, weight=weight,
                         extra={"swaps": swaps.cpu(), "swaps_total": int(swaps.sum()), "converged": converged.cpu(),
