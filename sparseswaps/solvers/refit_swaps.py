@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from sparseswaps import NM, MaskProblem, Solution, Solver, Termination, mask_from_scores, register
 from sparseswaps.registry import SolverError
@@ -223,6 +224,7 @@ def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None
     groups = keep.shape[1] // group if group else 1
     batch_rows = batch_rows or _batch_rows(_bytes_per_row(kept, keep.shape[1] - kept, groups, fused), weight.device)
     start = 0
+    progress = tqdm(total=len(weight), desc="refit_swaps", unit="row", leave=False, disable=batch_rows >= len(weight))
     while start < len(weight) and not _past(deadline):
         rows = slice(start, start + batch_rows)
         try:
@@ -235,7 +237,9 @@ def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None
             mask[rows], swaps[rows], converged[rows] = keep[rows], 0, False
             torch.cuda.empty_cache()
             continue
+        progress.update(len(weight[rows]))
         start = rows.stop
+    progress.close()
     if weight.is_cuda:
         torch.cuda.empty_cache()       # the batch state can reach 16 GiB: give it back to other work
     return mask, swaps, converged
