@@ -12,12 +12,15 @@ the shape, the blocks, the method, pruning seconds, peak host and GPU memory and
 
 Any tokenizer serves random weights (SmolLM2's is 3.4 MB): its ids are below every shape's vocabulary.
 The 70B-shaped whole-model time is extrapolated from the measured blocks (80 / blocks times the block
-loop) and says so.
+loop) and says so. `--method-timeout S` stops a method's run after S seconds and records it as stopped, a
+lower bound on its time.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -107,7 +110,7 @@ def launcher(ranks: int) -> list[str]:
             "-m", "sparseswaps"]
 
 
-def run_method(model: Path, method: str, args, work: Path, ranks: int = 0) -> dict:
+def run_method(model: Path, method: str, args, work: Path, ranks: int = 0, blocks: int = 0) -> dict:
     out = work / f"{model.name}-{method.replace('+', '_')}.json"
     if out.exists():
         out.unlink()
@@ -118,12 +121,39 @@ def run_method(model: Path, method: str, args, work: Path, ranks: int = 0) -> di
     if args.nsamples:
         command += ["--nsamples", str(args.nsamples)]
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT)
+    if not finished(command, args.method_timeout):
+        return stopped_run(method, args, blocks, ranks)
     wall = time.perf_counter() - started
     report = json.loads(out.read_text())
     out.unlink()
     out.with_suffix(".png").unlink(missing_ok=True)
     return {**summarise(report, method, wall), "ranks": ranks}
+
+
+def finished(command: list[str], timeout: float | None) -> bool:
+    """Run the command; False if it was stopped after `timeout` seconds (its whole process group: torchrun's
+    ranks too)."""
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return False
+    if code:
+        raise subprocess.CalledProcessError(code, command)
+    return True
+
+
+def stopped_run(method: str, args, blocks: int, ranks: int) -> dict:
+    """The record of a run stopped by --method-timeout: what it was and how long it had."""
+    from sparseswaps.registry import parse_option_values
+
+    chosen = METHODS[method]
+    options = {**chosen.options, **(parse_option_values(args.solver_option, "--solver-option")
+                                    if uses_swaps(chosen.solver) else {})}
+    return {"method": method, "blocks": blocks, "ranks": ranks, "stopped_after_s": args.method_timeout,
+            "config": {"solver": chosen.solver, "warm_start": chosen.warm, "solver_options": options}}
 
 
 def summarise(report: dict, method: str, wall: float) -> dict:
@@ -162,6 +192,9 @@ def table(runs: list[dict]) -> str:
              "scan dtype |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for run in runs:
+        if "stopped_after_s" in run:
+            lines.append(stopped_row(run))
+            continue
         stage = run["stage_seconds"]
         gpu = "-" if run["peak_gpu_gib"] is None else f"{run['peak_gpu_gib']:.1f}"
         bound = 3 * run["sizes"]["block_gib"] + run["sizes"]["calibration_activations_gib"]
@@ -176,6 +209,10 @@ def table(runs: list[dict]) -> str:
         lines.append("")
         for run in extrapolated:
             full = SHAPES[run["model_shape"]]["full_blocks"]
+            if "stopped_after_s" in run:
+                lines.append(f"- {run['model_shape']} {run['method']}: stopped after {run['stopped_after_s']:.0f} s "
+                             f"(the whole process's wall time) before its {run['blocks']} of {full} blocks were done.")
+                continue
             lines.append(f"- {run['model_shape']} {run['method']}: {run['blocks']} of {full} blocks measured; whole "
                          f"model extrapolated to {run['pruning_seconds'] * full / run['blocks'] / 60:.1f} min "
                          "(block loop scaled, not measured).")
@@ -185,13 +222,20 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def stopped_row(run: dict) -> str:
+    solver = run["config"]["solver"]
+    method = run["method"] + (swap_setting(solver, run["config"]["solver_options"]) if uses_swaps(solver) else "")
+    return (f"| {run['model_shape']} | {run['blocks']} | {method} | {ranks_label(run)} | "
+            f"> {run['stopped_after_s']:.0f} (stopped) |" + " - |" * 11)
+
+
 def ranks_label(run: dict) -> str:
     return str(run.get("ranks") or "process")
 
 
 def efficiency(run: dict, runs: list[dict]) -> str:
     ranks = run.get("ranks", 0)
-    one = [r for r in runs if r.get("ranks") == 1 and same_setting(r, run)]
+    one = [r for r in runs if r.get("ranks") == 1 and same_setting(r, run) and "pruning_seconds" in r]
     if ranks < 2 or not one:
         return "-"
     return f"{one[0]['pruning_seconds'] / (ranks * run['pruning_seconds']):.0%}"
@@ -217,6 +261,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ranks", default="0", help="comma-separated torchrun rank counts to run each method "
                                                      "with, 0 for a plain process (default 0)")
+    parser.add_argument("--method-timeout", type=float, help="seconds after which a method's run is stopped and "
+                                                             "recorded as stopped (default: none)")
     args = parser.parse_args()
     blocks = args.blocks or SHAPES[args.shape]["full_blocks"]
     store = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
@@ -227,14 +273,15 @@ def main() -> None:
 
     preset = PROTOCOLS[args.protocol]
     for method, ranks in [(m, int(r)) for m in args.methods.split(",") for r in args.ranks.split(",")]:
-        run = run_method(model, method, args, args.work, ranks)
+        run = run_method(model, method, args, args.work, ranks, blocks)
         run.update(model_shape=args.shape, sizes=sizes(args.shape, blocks, args.nsamples or preset["nsamples"],
                                                        preset["seqlen"]))
         store["runs"] = [r for r in store["runs"] if not (same_setting(r, run) and r.get("ranks", 0) == ranks)] + [run]
         args.out.write_text(json.dumps(store, indent=1))
         args.out.with_suffix(".md").write_text(table(store["runs"]) + "\n")
-        print(f"{args.shape} {method} ranks {ranks_label(run)}: {run['pruning_seconds']:.1f} s pruning, peak host {run['peak_host_gib']:.1f} "
-              f"GiB", flush=True)
+        print(f"{args.shape} {method} ranks {ranks_label(run)}: " + (
+                  f"stopped after {run['stopped_after_s']:.0f} s" if "stopped_after_s" in run else
+                  f"{run['pruning_seconds']:.1f} s pruning, peak host {run['peak_host_gib']:.1f} GiB"), flush=True)
     print(table(store["runs"]))
 
 

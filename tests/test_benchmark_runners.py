@@ -1,7 +1,10 @@
 """The matrix runners' tables and plots, on the committed H100 results (they run where time is scarce)."""
 import json
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -51,3 +54,20 @@ def test_every_method_is_a_valid_pipeline_configuration():
             assert (config.solver, config.warm_start, config.update_weights) == (
                 chosen.solver, chosen.warm, chosen.update_weights), method
             assert config.solver_options.items() >= chosen.options.items()
+
+
+def test_a_stopped_pipeline_run_is_recorded_as_a_lower_bound(tmp_path):
+    import bench_pipeline
+
+    assert bench_pipeline.finished([sys.executable, "-c", "pass"], timeout=60)
+    assert not bench_pipeline.finished([sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.5)
+    with pytest.raises(subprocess.CalledProcessError):
+        bench_pipeline.finished([sys.executable, "-c", "raise SystemExit(3)"], timeout=60)
+    args = type("Args", (), {"solver_option": ["max_iters=20"], "method_timeout": 600.0})()
+    stopped = bench_pipeline.stopped_run("admm+refit_swaps_diag", args, blocks=1, ranks=0)
+    assert stopped["config"]["solver_options"] == {"diagonal_damping": 0.1, "max_iters": 20}
+    measured = json.loads((BENCHMARKS / "results" / "bench_pipeline_methods_8b_h200.json").read_text())["runs"]
+    table = bench_pipeline.table(measured + [dict(stopped, model_shape="llama3-8b",
+                                                  sizes=measured[0]["sizes"])])
+    assert "| llama3-8b | 1 | admm+refit_swaps_diag (≤ 20 swaps/row) | process | > 600 (stopped) |" in table
+    assert "stopped after 600 s" in table and "| alps | process | 54.7 |" in table
