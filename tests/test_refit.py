@@ -228,6 +228,19 @@ def test_refit_swaps_stop_swapping_at_the_time_limit_and_still_refit():
     torch.testing.assert_close(cut.weight, refit.weight)
 
 
+def test_refit_of_a_kept_dead_input_keeps_its_weight_in_both_solves():
+    """Conjugate gradients leave a dead input's weight where it starts (it changes no output); the dense
+    solves behind them, for rows they leave short, do the same instead of refusing the singular block."""
+    from sparseswaps.solvers.refit import _dense_least_squares, refit_weights
+
+    dead, keep = dead_input_problem({"sparsity": 0.5})
+    iterated = refit_weights(dead, keep, damping=0.0).double()
+    gram = dead.gram.double()
+    dense = _dense_least_squares(dead, keep, torch.arange(len(keep)), gram, (dead.weight.double() @ gram) * keep)
+    torch.testing.assert_close(dense, iterated, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(dense[:, 3], dead.weight[:, 3].double())
+
+
 def test_refit_swaps_on_a_singular_kept_block_ask_for_damping():
     problem, _ = make_problem("correlated", rows=2, d=12, seed=1, tokens=48, sparsity=0.5)
     weight, gram = problem.weight.clone(), problem.gram.clone()

@@ -66,19 +66,25 @@ def with_diagonal_damping(gram: torch.Tensor, diagonal_damping: float) -> torch.
 
 
 def _dense_least_squares(problem, mask, rows, system_matrix, rhs, budget_bytes: int = 1 << 30) -> torch.Tensor:
-    """Exact solves of the kept-by-kept systems of `rows`, in batches whose systems fit `budget_bytes`."""
+    """Exact solves of the kept-by-kept systems of `rows`, in batches whose systems fit `budget_bytes`. A kept
+    dead input (zero row and column) keeps its weight, as conjugate gradients leave it."""
     kept = problem.keep
     solution = torch.zeros(len(rows), problem.d, dtype=torch.float64, device=rhs.device)
     batch = max(1, budget_bytes // (2 * kept * kept * 8))
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         index = mask[chunk].nonzero()[:, 1].view(len(chunk), kept)   # the kept entries, ascending
-        factor, info = torch.linalg.cholesky_ex(system_matrix[index.unsqueeze(2), index.unsqueeze(1)])
+        system = system_matrix[index.unsqueeze(2), index.unsqueeze(1)]
+        dead = system.diagonal(dim1=1, dim2=2) == 0
+        system.diagonal(dim1=1, dim2=2).masked_fill_(dead, 1.0)
+        target = torch.where(dead, torch.gather(problem.weight[chunk].to(rhs.dtype), 1, index),
+                             torch.gather(rhs[chunk], 1, index))
+        factor, info = torch.linalg.cholesky_ex(system)
         if bool((info > 0).any()):
             raise UserError(f"{problem.name or 'a layer'}: the kept block of G is not positive definite for some rows "
-                            "(a dead or repeated input among the kept ones), so their least-squares weights are not "
-                            "unique: raise the damping (λ = damping · mean diag G)")
-        values = torch.cholesky_solve(torch.gather(rhs[chunk], 1, index).unsqueeze(2), factor).squeeze(2)
+                            "(a repeated input among the kept ones), so their least-squares weights are not unique: "
+                            "raise the damping (λ = damping · mean diag G)")
+        values = torch.cholesky_solve(target.unsqueeze(2), factor).squeeze(2)
         solution[start:start + len(chunk)].scatter_(1, index, values)
     return solution
 
