@@ -219,7 +219,7 @@ def test_refit_weights_on_a_real_layer_equals_the_dense_solves():
 
 def test_a_singular_kept_block_gets_a_true_minimiser_or_a_clear_error():
     """A dead input (a zero column of X) among the kept ones: G_KK is singular, but the system is consistent
-    and conjugate gradients end at a minimiser (zero gradient on the kept entries)."""
+    and conjugate gradients end at a minimiser (zero gradient on the kept entries), as do the dense solves."""
     from sparseswaps import MaskProblem
     from sparseswaps.errors import UserError
     from sparseswaps.solvers.refit import refit_weights
@@ -234,9 +234,15 @@ def test_a_singular_kept_block_gets_a_true_minimiser_or_a_clear_error():
     gradient = (problem.weight - updated) @ problem.gram
     assert gradient[mask].abs().max() < 1e-8 * problem.gram.abs().max() * problem.weight.abs().max()
     assert (problem.reconstruction_error(updated) <= problem.objective(mask) * (1 + 1e-12)).all()
-    # rows conjugate gradients leave unsolved go to dense solves: singular there is an error, damped it is exact
+    # rows conjugate gradients leave unsolved go to dense solves: the dead input keeps its weight there too,
+    # a repeated input (singular with no zero on the diagonal) is an error, and damped it is exact
+    dense = refit_weights(problem, mask, damping=0.0, tolerance=0.0)
+    torch.testing.assert_close(dense, updated, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(dense[:, 0], problem.weight[:, 0])
+    x[:, 1] = x[:, 2]
+    repeated = MaskProblem(problem.weight, x.T @ x, sparsity=0.5, check_psd=False)
     with pytest.raises(UserError, match="raise the damping"):
-        refit_weights(problem, mask, damping=0.0, tolerance=0.0)
+        refit_weights(repeated, mask, damping=0.0, tolerance=0.0)
     damped = refit_weights(problem, mask, damping=1e-3, tolerance=0.0)
     assert torch.allclose(damped, dense_least_squares(problem, mask, 1e-3), rtol=1e-9, atol=1e-12)
 
