@@ -268,6 +268,26 @@ def test_refit_swaps_on_cuda_take_the_reference_swaps(spec):
                                rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("spec", [{"sparsity": 0.6}, {"pattern": "2:4"}])
+def test_refit_swaps_on_cuda_past_a_dead_input_take_the_cpu_swaps(spec):
+    """A dead input (zero row and column of G) kept by the warm start: both engines on the GPU take the swaps
+    of the CPU run, with no damping."""
+    problem, _ = make_problem("outliers", rows=24, d=128, seed=7, tokens=512, **spec)
+    gram = problem.gram.clone()
+    gram[5], gram[:, 5] = 0, 0
+    dead = ss.MaskProblem(problem.weight, gram, **spec)
+    start = ss.solve(dead, "magnitude").mask
+    for row in start:                                 # input 5 kept in every row, instead of a neighbour
+        if not row[5]:
+            row[next(i for i in (4, 6, 7, *range(len(row))) if row[i])], row[5] = False, True
+    on_cpu = ss.solve(dead, "refit_swaps", warm_start=start)
+    assert on_cpu.extra["swaps_total"] > problem.rows
+    for engine in ("torch", "triton"):
+        on_gpu = ss.solve(dead.to("cuda"), "refit_swaps", warm_start=start.cuda(), engine=engine)
+        assert torch.equal(on_gpu.mask.cpu(), on_cpu.mask), engine
+        assert on_gpu.extra["swaps"].tolist() == on_cpu.extra["swaps"].tolist(), engine
+
+
 @pytest.mark.parametrize("spec, group", [({"sparsity": 0.5}, None), ({"sparsity": 0.7}, None), ({"pattern": "2:4"}, 4),
                                          ({"pattern": "2:3"}, 3)])
 def test_fused_refit_scan_picks_the_torch_scans_swap_bit_for_bit(spec, group):
