@@ -327,8 +327,8 @@ class RefitSwapsSolver(Solver):
                                                      max_iters, group, damping, batch_rows, engine,
                                                      diagonal_damping, deadline)
         except torch.linalg.LinAlgError as error:
-            raise SolverError(f"refit_swaps: the kept block of G is singular for some row ({error}), e.g. a "
-                              "repeated input kept twice; set damping > 0 (λ = damping · mean diag G is added to it), "
+            raise SolverError(f"refit_swaps: the kept block of G is singular for some row ({error}), e.g. two "
+                              "kept inputs that are the same; set damping > 0 (λ = damping · mean diag G is added to it), "
                               "e.g. damping=1e-6") from error
         rows_converged = int(converged.sum())
         termination = (Termination.LOCAL_OPTIMUM if rows_converged == problem.rows else
