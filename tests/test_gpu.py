@@ -302,7 +302,7 @@ def test_fused_refit_scan_picks_the_torch_scans_swap_bit_for_bit(spec, group):
     weight = problem.weight.double().cuda().repeat(1, 2)
     keep = ss.solve(ss.MaskProblem(weight.float(), gram.float(), pattern=problem.pattern), "magnitude").mask
     scale = float(gram.diagonal().max())
-    fused, plain = (_Batch(weight, gram, 0.0, keep, group, fused=f) for f in (True, False))
+    fused, plain = (_Batch(weight, gram, 0.0, keep, group, scan=scan) for scan in ("triton", "torch"))
     for _ in range(6):
         got, want = fused.best_swaps(scale), plain.best_swaps(scale)
         for a, b in zip(got, want):

@@ -44,7 +44,7 @@ def main() -> None:
         weight, keep = problem.weight.double(), warm_start_keeping_the_dead_input(problem)
         mask, swaps = keep.clone(), torch.zeros(len(keep), dtype=torch.long)
         converged = torch.zeros(len(keep), dtype=torch.bool)
-        _refine(_Batch(weight, gram, 0.0, keep, group, fused=True), weight, gram, float(gram.diagonal().max()), 1000,
+        _refine(_Batch(weight, gram, 0.0, keep, group, scan="triton"), weight, gram, float(gram.diagonal().max()), 1000,
                 mask, swaps, converged)
         want_mask, want_swaps, _ = refit_swap_rows(weight, gram, keep, 1000, group, engine="torch")
         case = torch.equal(mask, want_mask) and torch.equal(swaps, want_swaps)

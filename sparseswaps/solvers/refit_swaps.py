@@ -13,7 +13,8 @@ least-squares weights of the final mask.
 the reference. The solver runs `refit_swap_rows`: batches of rows in float64 on the problem's device, the
 state kept on the kept and pruned slots (H on S x S, U on S x N: k d entries per row) and updated in place
 after each swap by the bordered-inverse formulas, so a scan and an update cost O(k d) per row. On CUDA the
-scan is one fused Triton kernel (refit_triton.py). It takes the reference's swaps (tests/test_refit.py).
+scan is one fused Triton kernel (refit_triton.py), on the CPU one numba loop (refit_cpu.py) where numba is
+installed. It takes the reference's swaps (tests/test_refit.py).
 """
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ from tqdm.auto import tqdm
 from sparseswaps import NM, MaskProblem, Solution, Solver, Termination, mask_from_scores, register
 from sparseswaps.registry import SolverError
 
-from . import refit_triton
+from . import refit_cpu, refit_triton
 from .refit import refit_weights, with_diagonal_damping
 
 _RELATIVE_GAIN = 1e-12
-ENGINES = ("auto", "torch", "triton")
+ENGINES = ("auto", "torch", "triton", "numba")
 
 
 def _kept_system(gram: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -86,9 +87,9 @@ class _Batch:
     group's inputs hold consecutive slots, kept and pruned alike (a swap stays in its group), so the scan reads
     only the groups' diagonal blocks of U."""
 
-    def __init__(self, w, gram, damping: float, keep, group: int | None, fused: bool = False):
+    def __init__(self, w, gram, damping: float, keep, group: int | None, scan: str = "torch"):
         batch, d = keep.shape
-        self.fused, self.d = fused, d
+        self.scan, self.d = scan, d
         self.rows = torch.arange(batch, device=w.device)
         self.gram = gram
         self.kept = keep.nonzero()[:, 1].view(batch, -1)                   # ascending in each row
@@ -115,13 +116,14 @@ class _Batch:
 
     def best_swaps(self, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(best Δ, kept slot a, pruned slot b) per row over every swap (one N:M group); ties go to the smallest
-        dropped input, then the smallest added one, whatever slots they hold. `fused`: one Triton kernel
-        computes the same on CUDA (refit_triton.py)."""
+        dropped input, then the smallest added one, whatever slots they hold. The "triton" and "numba" scans
+        compute the same in one pass (refit_triton.py on CUDA, refit_cpu.py on the CPU)."""
         diagonal = self.h.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(self.h.dtype).tiny)
         ratio = self.v / diagonal
-        if self.fused:
-            best, key = refit_triton.best_swaps(self.u, ratio, diagonal, self.v * ratio, self.r, self.c, self.kept,
-                                                self.pruned, self.d, self.groups, 1e-12 * scale)
+        if self.scan != "torch":
+            kernel = refit_triton if self.scan == "triton" else refit_cpu
+            best, key = kernel.best_swaps(self.u, ratio, diagonal, self.v * ratio, self.r, self.c, self.kept,
+                                          self.pruned, self.d, self.groups, 1e-12 * scale)
         else:
             best, key = self._scan(ratio, diagonal, scale)
         i, j = key // self.d, key % self.d
@@ -193,12 +195,12 @@ def _slot_of(slots: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return (slots == index[:, None]).int().argmax(1)
 
 
-def _bytes_per_row(kept: int, pruned: int, groups: int, fused: bool) -> int:
+def _bytes_per_row(kept: int, pruned: int, groups: int, scan: str) -> int:
     """float64 bytes one row of a batch needs: H and U, and the larger of what building them and the torch
-    scan ([k, p / groups] temporaries, about eight) hold besides."""
+    scan ([k, p / groups] temporaries, about eight; the one-pass scans need none) hold besides."""
     state = 8 * (kept * kept + kept * pruned)
     setup = 8 * (2 * kept * kept + kept * pruned)
-    scan = 0 if fused else 64 * kept * pruned // groups
+    scan = 64 * kept * pruned // groups if scan == "torch" else 0
     return state + max(setup, scan)
 
 
@@ -208,10 +210,10 @@ def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None
     """(mask, swaps per row, whether each row reached a local optimum): best 1-swaps on the re-fitted error
     for every row, batched, float64, on the inputs' device. λ = damping · mean(diag G) is added to the kept
     block (0: the exact least-squares error; it must then be positive definite), and the error is measured
-    in G + diagonal_damping · diag(G) (refit.py). `engine`: the scan's implementation, "triton" (fused, CUDA
-    only), "torch" or "auto" (Triton where it can run). Past `deadline` (time.monotonic()) no row swaps again:
+    in G + diagonal_damping · diag(G) (refit.py). `engine`: the scan's implementation, "triton" (CUDA only),
+    "numba" (CPU only), "torch" or "auto" (Triton on CUDA, numba on the CPU, where installed). Past `deadline` (time.monotonic()) no row swaps again:
     each keeps the swaps it took (every one is exact) and rows not reached keep the warm start."""
-    fused = _fused_scan(engine, weight.device)
+    scan = _scan_engine(engine, weight.device)
     gram = with_diagonal_damping(gram.to(torch.float64), diagonal_damping)
     damping = float(damping * gram.diagonal().mean())                # λ, added to the kept block's diagonal
     scale = float(gram.diagonal().max().clamp_min(torch.finfo(gram.dtype).tiny))
@@ -222,13 +224,13 @@ def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None
     if kept in (0, keep.shape[1]):
         return mask, swaps, converged.fill_(True)                    # nothing to swap
     groups = keep.shape[1] // group if group else 1
-    batch_rows = batch_rows or _batch_rows(_bytes_per_row(kept, keep.shape[1] - kept, groups, fused), weight.device)
+    batch_rows = batch_rows or _batch_rows(_bytes_per_row(kept, keep.shape[1] - kept, groups, scan), weight.device)
     start = 0
     progress = tqdm(total=len(weight), desc="refit_swaps", unit="row", leave=False, disable=batch_rows >= len(weight))
     while start < len(weight) and not _past(deadline):
         rows = slice(start, start + batch_rows)
         try:
-            _refine(_Batch(weight[rows], gram, damping, keep[rows], group, fused), weight[rows], gram, scale, max_iters,
+            _refine(_Batch(weight[rows], gram, damping, keep[rows], group, scan), weight[rows], gram, scale, max_iters,
                     mask[rows], swaps[rows], converged[rows], deadline)
         except torch.cuda.OutOfMemoryError:
             if batch_rows == 1:
@@ -285,14 +287,19 @@ def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() > deadline
 
 
-def _fused_scan(engine: str, device: torch.device) -> bool:
-    """Whether the scan runs as the fused Triton kernel."""
+def _scan_engine(engine: str, device: torch.device) -> str:
+    """The scan that runs: "triton", "numba" or "torch"."""
     if engine not in ENGINES:
         raise SolverError(f"refit_swaps engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    can = device.type == "cuda" and refit_triton.AVAILABLE
-    if engine == "triton" and not can:
+    runs = {"triton": device.type == "cuda" and refit_triton.AVAILABLE,
+            "numba": device.type == "cpu" and refit_cpu.AVAILABLE, "torch": True}
+    if engine == "triton" and not runs["triton"]:
         raise SolverError("refit_swaps engine 'triton' runs on CUDA devices and needs triton installed")
-    return can and engine != "torch"
+    if engine == "numba" and not runs["numba"]:
+        raise SolverError("refit_swaps engine 'numba' runs on the CPU and needs numba (pip install 'sparseswaps[cpu]')")
+    if engine == "auto":
+        return next(name for name in ("triton", "numba", "torch") if runs[name])
+    return engine
 
 
 def _batch_rows(bytes_per_row: int, device: torch.device) -> int:
