@@ -62,3 +62,25 @@ def _term_size(w, c, gram, i, j):
     wi, wj, ci, cj = w[rows, i], w[rows, j], c[rows, i], c[rows, j]
     return (wi * wi * gram[i, i]).abs() + (2 * wi * ci).abs() + (wj * wj * gram[j, j]).abs() + (
         2 * wj * cj).abs() + (2 * wi * wj * gram[i, j]).abs()
+
+
+def assert_refit_scan_matches_torch(scan: str, spec: dict, group, d: int, device: str = "cpu") -> None:
+    """refit_swaps' `scan` ("triton" or "numba") gives the torch scan's best Δ and slots exactly, along a
+    refinement path, ties included: every input appears twice."""
+    import sparseswaps as ss
+    from sparseswaps.solvers.refit_swaps import _Batch
+
+    problem, _ = make_problem("outliers", rows=16, d=d, seed=3, tokens=384, **spec)
+    gram = problem.gram.double().to(device)
+    twice = torch.cat([gram, gram], 1)
+    gram = torch.cat([twice, twice], 0) + torch.eye(2 * d, dtype=torch.float64, device=device)
+    weight = problem.weight.double().to(device).repeat(1, 2)
+    keep = ss.solve(ss.MaskProblem(weight.float(), gram.float(), pattern=problem.pattern), "magnitude").mask
+    scale = float(gram.diagonal().max())
+    fast, plain = (_Batch(weight, gram, 0.0, keep, group, scan=name) for name in (scan, "torch"))
+    for _ in range(6):
+        got, want = fast.best_swaps(scale), plain.best_swaps(scale)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        for batch in (fast, plain):
+            batch.swap(*want[1:], want[0])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparseswaps as ss
-from conftest import assert_same_pair_or_a_tie, make_problem
+from conftest import assert_refit_scan_matches_torch, assert_same_pair_or_a_tie, make_problem
 from sparseswaps import PerRow, mask_from_scores
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -293,19 +293,4 @@ def test_refit_swaps_on_cuda_past_a_dead_input_take_the_cpu_swaps(spec):
 def test_fused_refit_scan_picks_the_torch_scans_swap_bit_for_bit(spec, group):
     """The Triton scan of refit_swaps (without fused multiply-adds) gives the torch scan's best Δ and slots
     exactly, along a refinement path, ties included (every input appears twice)."""
-    from sparseswaps.solvers.refit_swaps import _Batch
-
-    problem, _ = make_problem("outliers", rows=16, d=96, seed=3, tokens=384, **spec)
-    gram = problem.gram.double().cuda()
-    twice = torch.cat([gram, gram], 1)
-    gram = torch.cat([twice, twice], 0) + torch.eye(192, dtype=torch.float64, device="cuda")
-    weight = problem.weight.double().cuda().repeat(1, 2)
-    keep = ss.solve(ss.MaskProblem(weight.float(), gram.float(), pattern=problem.pattern), "magnitude").mask
-    scale = float(gram.diagonal().max())
-    fused, plain = (_Batch(weight, gram, 0.0, keep, group, scan=scan) for scan in ("triton", "torch"))
-    for _ in range(6):
-        got, want = fused.best_swaps(scale), plain.best_swaps(scale)
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
-        for batch in (fused, plain):
-            batch.swap(*want[1:], want[0])
+    assert_refit_scan_matches_torch("triton", spec, group, d=96, device="cuda")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparseswaps as ss
-from conftest import make_problem
+from conftest import assert_refit_scan_matches_torch, make_problem
 from sparseswaps import Solution
 from sparseswaps.registry import SolverError
 
@@ -275,27 +275,12 @@ def test_diagonal_damping_solves_in_the_metric_g_plus_delta_diag_g(solver, spec)
 @pytest.mark.parametrize("spec, group", [({"sparsity": 0.5}, None), ({"sparsity": 0.7}, None), ({"pattern": "2:4"}, 4),
                                          ({"pattern": "2:3"}, 3)])
 def test_numba_refit_scan_picks_the_torch_scans_swap_bit_for_bit(spec, group):
-    """The numba scan of refit_swaps gives the torch scan's best Δ and slots exactly, along a refinement path,
-    ties included (every input appears twice)."""
+    """The numba scan of refit_swaps gives the torch scan's best Δ and slots exactly (conftest)."""
     from sparseswaps.solvers import refit_cpu
-    from sparseswaps.solvers.refit_swaps import _Batch
 
     if not refit_cpu.AVAILABLE:
         pytest.skip("needs numba")
-    problem, _ = make_problem("outliers", rows=16, d=48, seed=3, tokens=384, **spec)
-    gram = problem.gram.double()
-    twice = torch.cat([gram, gram], 1)
-    gram = torch.cat([twice, twice], 0) + torch.eye(96, dtype=torch.float64)
-    weight = problem.weight.double().repeat(1, 2)
-    keep = ss.solve(ss.MaskProblem(weight.float(), gram.float(), pattern=problem.pattern), "magnitude").mask
-    scale = float(gram.diagonal().max())
-    compiled, plain = (_Batch(weight, gram, 0.0, keep, group, scan=scan) for scan in ("numba", "torch"))
-    for _ in range(6):
-        got, want = compiled.best_swaps(scale), plain.best_swaps(scale)
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
-        for batch in (compiled, plain):
-            batch.swap(*want[1:], want[0])
+    assert_refit_scan_matches_torch("numba", spec, group, d=48)
 
 
 @pytest.mark.parametrize("spec", [{"sparsity": 0.6}, {"pattern": "2:4"}])
