@@ -40,7 +40,10 @@ METHODS = {"magnitude": Method(None, "magnitude"), "wanda": Method(None, "wanda"
            # in the metric G + δ diag(G) that each warm start's own ADMM damping gives (README §14)
            "alps+refit_diag": Method("alps", "refit", options={"diagonal_damping": 0.01}),
            "alps+refit_swaps_diag": Method("alps", "refit_swaps", options={"diagonal_damping": 0.01}),
-           "admm+refit_swaps_diag": Method("admm", "refit_swaps", options={"diagonal_damping": 0.1})}
+           "admm+refit_swaps_diag": Method("admm", "refit_swaps", options={"diagonal_damping": 0.1}),
+           # each start in the other's metric: candidates for Gemma-3's 60% WikiText-2 (README §14)
+           "alps+refit_swaps_diag0.1": Method("alps", "refit_swaps", options={"diagonal_damping": 0.1}),
+           "admm+refit_swaps_diag0.01": Method("admm", "refit_swaps", options={"diagonal_damping": 0.01})}
 
 
 def method_config(method: str, target: str, **fields) -> PruneConfig:
