@@ -198,9 +198,7 @@ def table(runs: list[dict]) -> str:
         stage = run["stage_seconds"]
         gpu = "-" if run["peak_gpu_gib"] is None else f"{run['peak_gpu_gib']:.1f}"
         bound = 3 * run["sizes"]["block_gib"] + run["sizes"]["calibration_activations_gib"]
-        solver = run["config"]["solver"]
-        method = run["method"] + (swap_setting(solver, run["config"]["solver_options"]) if uses_swaps(solver) else "")
-        lines.append(f"| {run['model_shape']} | {run['blocks']} | {method} | {ranks_label(run)} | "
+        lines.append(f"| {run['model_shape']} | {run['blocks']} | {method_label(run)} | {ranks_label(run)} | "
                      f"{run['pruning_seconds']:.1f} | {efficiency(run, runs)} | {run['outside_solver_share']:.0%} | {stage['load_s']:.1f} | {stage['gram_s']:.1f} | "
                      f"{stage['solve_s']:.1f} | {stage['propagate_s']:.1f} | {stage['checkpoint_s']:.1f} | "
                      f"{run['peak_host_gib']:.1f} | {gpu} | {bound:.1f} | {','.join(run['scan_dtypes']) or '-'} |")
@@ -222,10 +220,14 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def stopped_row(run: dict) -> str:
+def method_label(run: dict) -> str:
+    """The method, with its swap cap for a swaps solver."""
     solver = run["config"]["solver"]
-    method = run["method"] + (swap_setting(solver, run["config"]["solver_options"]) if uses_swaps(solver) else "")
-    return (f"| {run['model_shape']} | {run['blocks']} | {method} | {ranks_label(run)} | "
+    return run["method"] + (swap_setting(solver, run["config"]["solver_options"]) if uses_swaps(solver) else "")
+
+
+def stopped_row(run: dict) -> str:
+    return (f"| {run['model_shape']} | {run['blocks']} | {method_label(run)} | {ranks_label(run)} | "
             f"> {run['stopped_after_s']:.0f} (stopped) |" + " - |" * 11)
 
 

@@ -80,7 +80,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     engines = (args.engines or ("torch,triton" if device == "cuda" else "torch")).split(",")
     rows = []
-    for name, weight, gram in layers(args, device):
+    for name, weight, gram in layers(args.real_layers, args.rows, args.synthetic, device):
         for target in args.targets.split(","):
             for max_iters in (int(m) for m in args.max_iters.split(",")):
                 rows.append(compare(name, problem_for(weight, gram, target), target, args.warm_start, engines,
@@ -91,19 +91,20 @@ def main() -> None:
     print(markdown(rows, engines))
 
 
-def layers(args, device: str):
-    """(name, weight, G) of every layer asked for: the real ones' first --rows rows, then the synthetic ones."""
-    if args.real_layers:
+def layers(real_layers: Path | None, rows: int | None, synthetic: int | None, device: str):
+    """(name, weight, G) of every layer asked for: the first `rows` rows of each layer of a file from
+    export_layers.py, then `synthetic` rows of two Llama-3-8B-shaped synthetic layers."""
+    if real_layers:
         from safetensors.torch import load_file
 
-        tensors = load_file(str(args.real_layers), device=device)
+        tensors = load_file(str(real_layers), device=device)
         for name in sorted({key.rsplit(".", 1)[0] for key in tensors}):
-            yield name, tensors[f"{name}.weight"][:args.rows], tensors[f"{name}.gram"]
-    if args.synthetic:
+            yield name, tensors[f"{name}.weight"][:rows], tensors[f"{name}.gram"]
+    if synthetic:
         from bench_swaps import synthetic_layer
 
         for name, d in (("synthetic 8B q_proj", 4096), ("synthetic 8B down_proj", 14336)):
-            yield (name, *synthetic_layer(args.synthetic, d, seed=0, device=device))
+            yield (name, *synthetic_layer(synthetic, d, seed=0, device=device))
 
 
 if __name__ == "__main__":

@@ -84,3 +84,19 @@ def assert_refit_scan_matches_torch(scan: str, spec: dict, group, d: int, device
             assert torch.equal(a, b)
         for batch in (fast, plain):
             batch.swap(*want[1:], want[0])
+
+
+def with_dead_input(problem: MaskProblem, index: int) -> tuple[MaskProblem, torch.Tensor]:
+    """The problem with input `index` dead (a zero row and column of G, as behind Gemma-3's zero norm channels),
+    and magnitude's mask keeping it in every row instead of a kept neighbour (of its group of four first)."""
+    import sparseswaps as ss
+
+    gram = problem.gram.clone()
+    gram[index], gram[:, index] = 0, 0
+    dead = MaskProblem(problem.weight, gram, pattern=problem.pattern)
+    start = ss.solve(dead, "magnitude").mask
+    group = range(index - index % 4, index - index % 4 + 4)
+    for row in start:
+        if not row[index]:
+            row[next(i for i in (*group, *range(len(row))) if row[i] and i != index)], row[index] = False, True
+    return dead, start

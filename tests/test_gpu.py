@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparseswaps as ss
-from conftest import assert_refit_scan_matches_torch, assert_same_pair_or_a_tie, make_problem
+from conftest import assert_refit_scan_matches_torch, assert_same_pair_or_a_tie, make_problem, with_dead_input
 from sparseswaps import PerRow, mask_from_scores
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -273,13 +273,7 @@ def test_refit_swaps_on_cuda_past_a_dead_input_take_the_cpu_swaps(spec):
     """A dead input (zero row and column of G) kept by the warm start: both engines on the GPU take the swaps
     of the CPU run, with no damping."""
     problem, _ = make_problem("outliers", rows=24, d=128, seed=7, tokens=512, **spec)
-    gram = problem.gram.clone()
-    gram[5], gram[:, 5] = 0, 0
-    dead = ss.MaskProblem(problem.weight, gram, **spec)
-    start = ss.solve(dead, "magnitude").mask
-    for row in start:                                 # input 5 kept in every row, instead of a neighbour
-        if not row[5]:
-            row[next(i for i in (4, 6, 7, *range(len(row))) if row[i])], row[5] = False, True
+    dead, start = with_dead_input(problem, 5)
     on_cpu = ss.solve(dead, "refit_swaps", warm_start=start)
     assert on_cpu.extra["swaps_total"] > problem.rows
     for engine in ("torch", "triton"):

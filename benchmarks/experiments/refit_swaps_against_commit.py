@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparseswaps as ss  # noqa: E402
+from bench_refit_swaps import layers, problem_for  # noqa: E402
 from sparseswaps.solvers.refit_swaps import refit_swap_rows  # noqa: E402
 
 
@@ -82,9 +84,7 @@ def main() -> None:
     if not (args.real_layers or args.synthetic):
         parser.error("give --real-layers FILE or --synthetic ROWS")
     old = module_at(args.commit, args.source, args.source_triton)
-    cases = (synthetic_cases(args.synthetic, args.targets, args.device, args.warm_start) if args.synthetic else
-             real_layer_cases(args.real_layers, args.rows, args.targets, args.device, args.warm_start))
-    for name, target, problem, start, group in cases:
+    for name, target, problem, start, group in cases(args):
         options = (problem.weight, problem.gram, start, args.max_iters, group, args.damping, args.batch_rows)
         extra = {"diagonal_damping": args.diagonal_damping}
         then, then_s = timed(args.repeat, old.refit_swap_rows, *options, **extra)
@@ -94,34 +94,15 @@ def main() -> None:
               f"{now_s:.2f} s now", flush=True)
 
 
-def real_layer_cases(path: Path, rows: int, targets: str, device: str = "cpu", warm_start: str = "alps"):
-    """(layer name, target, problem of its first `rows` rows, the warm start's mask, N:M group or None) for
-    every layer of a file from export_layers.py and every target."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    for name in sorted({key.rsplit(".", 1)[0] for key in tensors}):
-        for target in targets.split(","):
-            yield case(name, target, tensors[f"{name}.weight"][:rows].to(device), tensors[f"{name}.gram"].to(device),
-                       warm_start)
-
-
-def synthetic_cases(rows: int, targets: str, device: str, warm_start: str):
-    """The same for `rows` rows of bench_swaps' synthetic layers of Llama-3-8B's widths."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench_swaps import synthetic_layer
-
-    for name, d in (("synthetic 8B q_proj", 4096), ("synthetic 8B down_proj", 14336)):
-        weight, gram = synthetic_layer(rows, d, seed=0, device=device)
-        for target in targets.split(","):
-            yield case(name, target, weight, gram, warm_start)
-
-
-def case(name: str, target: str, weight: torch.Tensor, gram: torch.Tensor, warm_start: str):
-    spec = {"pattern": target} if ":" in target else {"sparsity": float(target)}
-    problem = ss.MaskProblem(weight.float(), gram.float(), check_psd=False, **spec)
-    group = problem.pattern.m if ":" in target else None
-    return name, target, problem, ss.solve(problem, warm_start).mask, group
+def cases(args):
+    """(layer name, target, problem, the warm start's mask, N:M group or None) for every layer asked for (the
+    real ones' first --rows rows, or --synthetic rows of 8B widths) and every target."""
+    for name, weight, gram in layers(None if args.synthetic else args.real_layers, args.rows, args.synthetic,
+                                     args.device):
+        for target in args.targets.split(","):
+            problem = problem_for(weight, gram, target)
+            group = problem.pattern.m if ":" in target else None
+            yield name, target, problem, ss.solve(problem, args.warm_start).mask, group
 
 
 def timed(repeat: int, function, *args, **options):

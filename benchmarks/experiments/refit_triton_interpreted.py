@@ -1,7 +1,7 @@
 """The fused Triton scan of `refit_swaps` against the torch scan through whole refinements, on this CPU.
 
 Runs under Triton's interpreter (no GPU needed): each case refines the same warm start (magnitude's mask, with a
-dead input kept) once with the fused scan and once with the torch scan, and the two must take the same swaps.
+dead input kept: tests/conftest.py) once with the fused scan and once with the torch scan, and the two must take the same swaps.
 Triton 3.6's interpreter needs numpy < 2.3:
 
     python -m venv --system-site-packages /tmp/tvenv && /tmp/tvenv/bin/pip install triton==3.6.0 "numpy<2.3"
@@ -18,30 +18,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import sparseswaps as ss  # noqa: E402
-from conftest import make_problem  # noqa: E402
+from conftest import make_problem, with_dead_input  # noqa: E402
 from sparseswaps.solvers.refit_swaps import _Batch, _refine, refit_swap_rows  # noqa: E402
-
-DEAD = 3
-
-
-def warm_start_keeping_the_dead_input(problem: ss.MaskProblem) -> torch.Tensor:
-    """Magnitude's mask with input DEAD kept in every row instead of the first kept input (one of its own
-    group of four, under 2:4)."""
-    keep = ss.solve(problem, "magnitude").mask
-    for row in keep:
-        if not row[DEAD]:
-            row[next(i for i in range(len(row)) if row[i])], row[DEAD] = False, True
-    return keep
 
 
 def main() -> None:
     same = True
     for spec, group in (({"sparsity": 0.6}, None), ({"pattern": "2:4"}, 4)):
-        problem, _ = make_problem("correlated", rows=6, d=32, seed=5, tokens=200, **spec)
-        gram = problem.gram.double()
-        gram[DEAD], gram[:, DEAD] = 0, 0
-        weight, keep = problem.weight.double(), warm_start_keeping_the_dead_input(problem)
+        dead, keep = with_dead_input(make_problem("correlated", rows=6, d=32, seed=5, tokens=200, **spec)[0], 3)
+        weight, gram = dead.weight.double(), dead.gram.double()
         mask, swaps = keep.clone(), torch.zeros(len(keep), dtype=torch.long)
         converged = torch.zeros(len(keep), dtype=torch.bool)
         _refine(_Batch(weight, gram, 0.0, keep, group, scan="triton"), weight, gram, float(gram.diagonal().max()), 1000,
