@@ -55,7 +55,7 @@ def rank_two_triton(c, left, right, block_i: int = 32, block_j: int = 128):
 
 def sync() -> None:
     if torch.cuda.is_available():
-        sync()
+        torch.cuda.synchronize()
 
 
 def seconds(function, repeat: int = 5) -> float:
