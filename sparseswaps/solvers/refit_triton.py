@@ -38,7 +38,7 @@ if AVAILABLE:
         ratio_a = tl.load(ratio + at_a, mask=in_a, other=0.0)[:, None]
         diagonal_a = tl.load(diagonal + at_a, mask=in_a, other=1.0)[:, None]
         best = tl.full([BLOCK_I, BLOCK_J], float("inf"), tl.float64)
-        best_key = tl.full([BLOCK_I, BLOCK_J], d * d, tl.int64)
+        best_j = tl.full([BLOCK_I, BLOCK_J], d, tl.int32)     # an element's kept input is fixed: ties go by j
         if GROUPED:
             first_a = tile * BLOCK_I
             last_a = tl.minimum(first_a + BLOCK_I, k) - 1
@@ -50,7 +50,7 @@ if AVAILABLE:
             b = first + tl.arange(0, BLOCK_J)
             in_b = b < stop
             at_b = row * p + b
-            j = tl.load(pruned + at_b, mask=in_b, other=0)
+            j = tl.load(pruned + at_b, mask=in_b, other=0).to(tl.int32)
             allowed = in_a[:, None] & in_b[None, :]
             if GROUPED:
                 allowed &= (a[:, None] // kept_per_group) == (b[None, :] // pruned_per_group)
@@ -61,25 +61,27 @@ if AVAILABLE:
             gain = tl.where(denominator > threshold,
                             numerator * numerator / tl.maximum(denominator, 1e-300), 0.0)
             delta = tl.where(allowed, base_a - gain, float("inf"))
-            key = i[:, None].to(tl.int64) * d + j[None, :]
-            better = allowed & ((delta < best) | ((delta == best) & (key < best_key)))
+            better = allowed & ((delta < best) | ((delta == best) & (j[None, :] < best_j)))
             best = tl.where(better, delta, best)
-            best_key = tl.where(better, key, best_key)
+            best_j = tl.where(better, j[None, :], best_j)
         low = tl.min(best, axis=1)
         low = tl.min(low, axis=0)
+        best_key = tl.where(best_j < d, i[:, None].to(tl.int64) * d + best_j, d * d)
         first_key = tl.min(tl.where(best == low, best_key, d * d), axis=1)
         first_key = tl.min(first_key, axis=0)
         tl.store(out_delta + row * tiles + tile, low)
         tl.store(out_key + row * tiles + tile, first_key)
 
 
-def best_swaps(u, ratio, diagonal, base, r, c, kept, pruned, d: int, groups: int, threshold: float):
+def best_swaps(u, ratio, diagonal, base, r, c, kept, pruned, d: int, groups: int, threshold: float, *,
+               block_i: int = 32, block_j: int | None = None, num_warps: int = 4):
     """(best Δ, key i·d + j) per row, as `refit_swaps._Batch._scan` computes them, on CUDA: u [B, k, p],
     ratio, diagonal and base [B, k] and r and c [B, p] float64, kept [B, k] and pruned [B, p] the inputs the
-    slots hold, `groups` N:M groups per row (1: unstructured)."""
+    slots hold, `groups` N:M groups per row (1: unstructured). The tile (block_i kept x block_j pruned
+    slots, num_warps) changes the speed only: every tiling gives the same (Δ, key)."""
     batch, k = kept.shape
     p = pruned.shape[1]
-    block_i, block_j = 32, 64
+    block_j = block_j or (32 if groups > 1 else 64)
     tiles = triton.cdiv(k, block_i)
     out_delta = torch.empty(batch, tiles, dtype=torch.float64, device=u.device)
     out_key = torch.empty(batch, tiles, dtype=torch.int64, device=u.device)
@@ -87,7 +89,7 @@ def best_swaps(u, ratio, diagonal, base, r, c, kept, pruned, d: int, groups: int
     _best_swap_kernel[(batch, tiles)](
         u, base.contiguous(), ratio.contiguous(), diagonal.contiguous(), r.contiguous(), c.contiguous(),
         kept.contiguous(), pruned.contiguous(), out_delta, out_key, k, p, d, tiles, threshold, k // groups,
-        p // groups, u.stride(0), u.stride(1), GROUPED=groups > 1, BLOCK_I=block_i,
-        BLOCK_J=32 if groups > 1 else block_j, num_warps=4, enable_fp_fusion=False)
+        p // groups, u.stride(0), u.stride(1), GROUPED=groups > 1, BLOCK_I=block_i, BLOCK_J=block_j,
+        num_warps=num_warps, enable_fp_fusion=False)
     best = out_delta.min(1).values
     return best, torch.where(out_delta == best[:, None], out_key, d * d).min(1).values
