@@ -216,6 +216,22 @@ def test_refit_swaps_take_the_reference_swaps_past_a_dead_input_without_damping(
     assert dead.is_feasible(result.mask) and torch.isfinite(result.weight).all()
 
 
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+def test_both_routes_to_the_kept_inverse_give_the_inverse_of_the_kept_block(damping):
+    """L⁻ᵀL⁻¹ (the CUDA route) and cholesky_inverse (the CPU route) both invert G_SS + λI, a dead input alone."""
+    from sparseswaps.solvers.refit_swaps import _kept_inverse
+
+    dead, keep = dead_input_problem({"sparsity": 0.5})
+    gram = dead.gram.double()
+    kept = keep.nonzero()[:, 1].view(len(keep), -1)
+    system = gram[kept[:, :, None], kept[:, None, :]] + damping * torch.eye(kept.shape[1], dtype=torch.float64)
+    system.diagonal(dim1=1, dim2=2).masked_fill_(system.diagonal(dim1=1, dim2=2) == 0, 1.0)
+    for triangular in (True, False):
+        inverse = _kept_inverse(gram, kept, damping, triangular=triangular)
+        identity = torch.eye(kept.shape[1], dtype=torch.float64).expand_as(inverse)
+        torch.testing.assert_close(inverse @ system, identity, rtol=0, atol=1e-9)
+
+
 def test_refit_swaps_stop_swapping_at_the_time_limit_and_still_refit():
     problem, _ = make_problem("correlated", rows=4, d=24, seed=2, tokens=96, sparsity=0.5)
     start = ss.solve(problem, "wanda").mask

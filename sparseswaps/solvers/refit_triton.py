@@ -74,14 +74,19 @@ if AVAILABLE:
 
 
 def best_swaps(u, ratio, diagonal, base, r, c, kept, pruned, d: int, groups: int, threshold: float, *,
-               block_i: int = 32, block_j: int | None = None, num_warps: int = 4):
+               block_i: int | None = None, block_j: int | None = None, num_warps: int | None = None):
     """(best Δ, key i·d + j) per row, as `refit_swaps._Batch._scan` computes them, on CUDA: u [B, k, p],
     ratio, diagonal and base [B, k] and r and c [B, p] float64, kept [B, k] and pruned [B, p] the inputs the
     slots hold, `groups` N:M groups per row (1: unstructured). The tile (block_i kept x block_j pruned
-    slots, num_warps) changes the speed only: every tiling gives the same (Δ, key)."""
+    slots, num_warps) changes the speed only: every tiling gives the same (Δ, key). The unstructured
+    default is the fastest of benchmarks/experiments/tune_refit_scan.py at 8B widths on an H200
+    (results/tune_refit_scan_h200.txt); N:M keeps the tile it had, not tuned."""
     batch, k = kept.shape
     p = pruned.shape[1]
-    block_j = block_j or (32 if groups > 1 else 64)
+    grouped = groups > 1
+    block_i = block_i or (32 if grouped else 16)
+    block_j = block_j or (32 if grouped else 64)
+    num_warps = num_warps or (4 if grouped else 8)
     tiles = triton.cdiv(k, block_i)
     out_delta = torch.empty(batch, tiles, dtype=torch.float64, device=u.device)
     out_key = torch.empty(batch, tiles, dtype=torch.int64, device=u.device)
@@ -89,7 +94,7 @@ def best_swaps(u, ratio, diagonal, base, r, c, kept, pruned, d: int, groups: int
     _best_swap_kernel[(batch, tiles)](
         u, base.contiguous(), ratio.contiguous(), diagonal.contiguous(), r.contiguous(), c.contiguous(),
         kept.contiguous(), pruned.contiguous(), out_delta, out_key, k, p, d, tiles, threshold, k // groups,
-        p // groups, u.stride(0), u.stride(1), GROUPED=groups > 1, BLOCK_I=block_i, BLOCK_J=block_j,
+        p // groups, u.stride(0), u.stride(1), GROUPED=grouped, BLOCK_I=block_i, BLOCK_J=block_j,
         num_warps=num_warps, enable_fp_fusion=False)
     best = out_delta.min(1).values
     return best, torch.where(out_delta == best[:, None], out_key, d * d).min(1).values
