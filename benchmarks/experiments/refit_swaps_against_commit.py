@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import subprocess
 import tempfile
 import time
@@ -38,9 +39,11 @@ def module_at(commit: str, source_file: Path | None = None, triton_file: Path | 
     module = types.ModuleType(f"refit_swaps_{commit}")
     module.__dict__["__name__"] = f"sparseswaps.solvers.refit_swaps_{commit}"
     module.__dict__["__package__"] = "sparseswaps.solvers"
-    if "from . import refit_triton" in source:
+    imports = re.search(r"^from \. import (.*refit_triton.*)$", source, re.MULTILINE)
+    if imports:                                   # that commit's kernel, the other modules this tree's
         module.__dict__["refit_triton"] = kernels_at(commit, triton_file)
-        source = source.replace("from . import refit_triton", "")
+        others = [name.strip() for name in imports.group(1).split(",") if name.strip() != "refit_triton"]
+        source = source.replace(imports.group(0), f"from . import {', '.join(others)}" if others else "")
     exec(compile(source.replace('@register("refit_swaps")', f'@register("refit_swaps_{commit}")'),
                  f"{commit}:refit_swaps.py", "exec"), module.__dict__)
     return module
