@@ -13,6 +13,12 @@ relative gap is 1e-8 (rows end `gap_limit`, proven within it; `gap=0` asks for m
 are the exact least squares on SCIP's mask (`refit`, undamped), and
 `row_weight_bound` is SCIP's dual bound less its feasibility tolerance, in original units: the bound on the
 masks-and-weights optimum (`SolveResult.weight_gap`), not on the mask-only objective.
+
+`perspective=True` strengthens the relaxation (the perspective reformulation of best-subset regression):
+with δ = s·diag(G) and s the diagonal shift that keeps G - diag(δ) PSD (exact.diagonal_shift), the error
+is (w - v)ᵀ (G - diag δ) (w - v) + Σ δ_i (w_i² - 2 w_i v_i + z_i), with z_i (1 - p_i) >= v_i²: the same
+value on every feasible point (z_i = v_i² where kept, v_i = 0 where pruned), and a fractional p_i lets z_i
+fall to v_i² / (1 - p_i) instead of v_i².
 """
 from __future__ import annotations
 
@@ -25,8 +31,8 @@ import torch
 from sparseswaps import MaskProblem, Solution, SolverError, register
 
 from .bruteforce import refit_errors
-from .exact import (ExactSolver, RowOutcome, assemble, deadline_of, map_rows, prune_groups, psd_factor,
-                    within_budget)
+from .exact import (ExactSolver, RowOutcome, assemble, deadline_of, diagonal_shift, map_rows, prune_groups,
+                    psd_factor, within_budget)
 from .scip import add_solution, dual_bound, new_model, row_status
 
 # SCIP's feasibility tolerance: at the mask-only solver's 1e-9, its LP solver fails on some rows (the continuous
@@ -40,10 +46,11 @@ class RefitRowModel:
 
     w: np.ndarray            # row weights, float64
     gram: np.ndarray
-    factor: np.ndarray       # F with F Fᵀ = G
+    factor: np.ndarray       # F with F Fᵀ = G - diag(shift)
     inverse_diagonal: np.ndarray   # [G⁻¹]_ii
     groups: list
     incumbent: np.ndarray    # prune indicators of the warm start (bool)
+    shift: np.ndarray        # δ of the perspective terms (zeros without them)
 
     def reach(self, error: float) -> np.ndarray:
         """|w_i - v_i| <= sqrt(error · [G⁻¹]_ii) for every v with (w - v)ᵀ G (w - v) <= error: the extent of
@@ -84,8 +91,10 @@ def _solve_row(model: RefitRowModel, time_limit, gap, seed, params) -> RowOutcom
         scip.addCons(-v[i] <= big * (1 - p[i]))
     for indices, pruned in model.groups:
         scip.addCons(quicksum(p[i] for i in indices) == pruned)
-    scip.setObjective(t, "minimize")
-    _add_incumbent(scip, (p, v, r, t), model.incumbent, start_v, factor, target)
+    z, terms = _perspective_terms(scip, model, p, v, scale, reach)
+    scip.setObjective(t + quicksum(terms), "minimize")
+    scip.addObjoffset(float(model.shift @ (model.w * model.w)) / scale)
+    _add_incumbent(scip, (p, v, r, t, z), model, start_v, factor, target)
     scip.optimize()
     best = scip.getBestSol()
     prune = np.array([scip.getSolVal(best, x) > 0.5 for x in p]) if scip.getNSols() else model.incumbent
@@ -95,20 +104,34 @@ def _solve_row(model: RefitRowModel, time_limit, gap, seed, params) -> RowOutcom
                       nodes=int(scip.getNNodes()), seconds=time.perf_counter() - started, message=message)
 
 
-def _add_incumbent(scip, variables, prune, v_values, factor, target) -> None:
-    p, v, r, t = variables
+def _perspective_terms(scip, model: RefitRowModel, p, v, scale: float, reach: np.ndarray) -> tuple[list, list]:
+    """(z, the objective's terms δ_i (z_i - 2 w_i v_i) / scale) with z_i (1 - p_i) >= v_i², one per input
+    (empty without the perspective terms)."""
+    z, terms = [], []
+    for i in (range(len(model.w)) if model.shift.any() else ()):
+        largest = max(abs(model.w[i] - reach[i]), abs(model.w[i] + reach[i])) ** 2
+        z.append(scip.addVar(lb=0, ub=largest, name=f"z{i}"))
+        scip.addCons(v[i] * v[i] <= z[-1] - z[-1] * p[i])
+        terms.append(float(model.shift[i]) / scale * (z[-1] - 2 * float(model.w[i]) * v[i]))
+    return z, terms
+
+
+def _add_incumbent(scip, variables, model: RefitRowModel, v_values, factor, target) -> None:
+    p, v, r, t, z = variables
     residual = target - factor.T @ v_values
-    add_solution(scip, [(p, prune), (v, v_values), (r, residual), ([t], [residual @ residual])])
+    add_solution(scip, [(p, model.incumbent), (v, v_values), (r, residual), ([t], [residual @ residual]),
+                        (z, (v_values * v_values)[: len(z)])])
 
 
-def row_models(problem: MaskProblem, warm_start: torch.Tensor) -> list[RefitRowModel]:
+def row_models(problem: MaskProblem, warm_start: torch.Tensor, perspective: bool = False) -> list[RefitRowModel]:
     gram = problem.gram.detach().cpu().to(torch.float64).numpy()
-    factor = psd_factor(gram)
+    shift = diagonal_shift(gram) * np.diag(gram) if perspective else np.zeros(len(gram))
+    factor = psd_factor(gram - np.diag(shift))
     inverse_diagonal = np.diag(np.linalg.inv(gram)).clip(min=0)      # G is positive definite (checked)
     groups = prune_groups(problem.d, problem.pattern)
     prune = (~warm_start).cpu().numpy()
     return [RefitRowModel(w=w, gram=gram, factor=factor, inverse_diagonal=inverse_diagonal, groups=groups,
-                          incumbent=p)
+                          incumbent=p, shift=shift)
             for w, p in zip(problem.weight.detach().cpu().to(torch.float64).numpy(), prune)]
 
 
@@ -124,7 +147,7 @@ class ScipRefitSolver(ExactSolver):
 
     def solve(self, problem: MaskProblem, *, warm_start=None, time_limit=None, seed=0, gap: float = 1e-8,
               workers: int = 1, row_time_limit: float | None = None, scip_params: dict | None = None,
-              executor: str = "process") -> Solution:
+              executor: str = "process", perspective: bool = False) -> Solution:
         from sparseswaps import solve
         from .refit import refit_weights
 
@@ -134,9 +157,9 @@ class ScipRefitSolver(ExactSolver):
         deadline = deadline_of(time_limit)
         incumbent = warm_start if warm_start is not None else solve(problem, ["wanda", "refit_swaps"]).mask
         tasks = [(model, row_time_limit, deadline, gap, seed, dict(scip_params or {}))
-                 for model in row_models(problem, incumbent)]
+                 for model in row_models(problem, incumbent, perspective)]
         solution = assemble(problem, map_rows(_solve_row, tasks, workers, executor),
-                            {"row_time_limit": row_time_limit})
+                            {"row_time_limit": row_time_limit, "perspective": perspective})
         solution.row_weight_bound, solution.row_bound = solution.row_bound, None
         solution.weight = refit_weights(problem, solution.mask, damping=0.0)
         solution.message = f"masks and weights together (weight_objective); {solution.message}"
