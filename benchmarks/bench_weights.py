@@ -95,18 +95,20 @@ def real_instances(d: int):
 
 
 def scip_reference(problem: ss.MaskProblem, results: list[ss.SolveResult], row_time_limit: float,
-                   workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   workers: int, perspective: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(SCIP's lower bound on each row's masks-and-weights optimum, whether it is proven within 1e-6), SCIP
     started from each row's best chain."""
     errors = torch.stack([row_errors(r) for r in results])
     best = errors.argmin(0)
     start = torch.stack([results[int(k)].mask[row] for row, k in enumerate(best)])
-    exact = ss.solve(problem, "scip_refit", warm_start=start, row_time_limit=row_time_limit, workers=workers)
+    exact = ss.solve(problem, "scip_refit", warm_start=start, row_time_limit=row_time_limit, workers=workers,
+                     perspective=perspective)
     bound = exact.row_weight_bound
     return bound, (exact.row_weight_objective - bound) <= 1e-6 * exact.row_weight_objective
 
 
-def oracle_gaps(instances, scip_row_time_limit: float | None = None, workers: int = 1) -> list[dict]:
+def oracle_gaps(instances, scip_row_time_limit: float | None = None, workers: int = 1,
+                perspective: bool = False) -> list[dict]:
     """Every chain's gap per row: to the brute-force optimum, or with `scip_row_time_limit` to SCIP's bound
     (an upper bound on the gap; equal to it within 1e-6 on the rows SCIP proves)."""
     pooled: dict[tuple, list] = {}
@@ -115,7 +117,7 @@ def oracle_gaps(instances, scip_row_time_limit: float | None = None, workers: in
         if scip_row_time_limit is None:
             reference, proven = ss.solve(problem, "bruteforce_refit").row_weight_objective, None
         else:
-            reference, proven = scip_reference(problem, results, scip_row_time_limit, workers)
+            reference, proven = scip_reference(problem, results, scip_row_time_limit, workers, perspective)
         for chain, result in zip(ORACLE_CHAINS, results):
             gaps = (row_errors(result) - reference) / reference.clamp_min(torch.finfo(torch.float64).tiny)
             entry = pooled.setdefault((label, target, "+".join(chain)), [[], 0.0, 0])
@@ -159,6 +161,8 @@ def main() -> None:
                         help="with --oracle: instead, the real SmolLM2 rows of this width against SCIP's bound")
     parser.add_argument("--row-time-limit", type=float, default=120.0, help="SCIP's seconds per row (--scip-d)")
     parser.add_argument("--workers", type=int, default=1, help="SCIP rows solved in parallel (--scip-d)")
+    parser.add_argument("--perspective", action="store_true",
+                        help="scip_refit's perspective formulation (--scip-d; it proves 48-input rows the big-M one does not)")
     parser.add_argument("--refit-swaps-max-d", type=int, default=0,
                         help="instead of the main chains, the refit_swaps chains on layers this narrow or narrower")
     parser.add_argument("--targets", default="50%,2:4", help="with --refit-swaps-max-d")
@@ -167,7 +171,7 @@ def main() -> None:
     if args.oracle == (args.layers is not None):
         parser.error("give either --layers or --oracle")
     if args.oracle and args.scip_d:
-        rows = oracle_gaps(real_instances(args.scip_d), args.row_time_limit, args.workers)
+        rows = oracle_gaps(real_instances(args.scip_d), args.row_time_limit, args.workers, args.perspective)
         proven = {(r["layer"], r["target"]): (r["rows_proven"], r["rows"]) for r in rows}
         note = ("\n\nMean over rows of (error - bound) / bound, the bound on the optimum of masks and weights from "
                 f"scip_refit ({args.row_time_limit:g} s per row, started from each row's best chain): an upper bound "

@@ -16,9 +16,9 @@ masks-and-weights optimum (`SolveResult.weight_gap`), not on the mask-only objec
 
 `perspective=True` strengthens the relaxation (the perspective reformulation of best-subset regression):
 with δ = s·diag(G) and s the diagonal shift that keeps G - diag(δ) PSD (exact.diagonal_shift), the error
-is (w - v)ᵀ (G - diag δ) (w - v) + Σ δ_i (w_i² - 2 w_i v_i + z_i), with z_i (1 - p_i) >= v_i²: the same
-value on every feasible point (z_i = v_i² where kept, v_i = 0 where pruned), and a fractional p_i lets z_i
-fall to v_i² / (1 - p_i) instead of v_i².
+is (w - v)ᵀ (G - diag δ) (w - v) + Σ δ_i (w_i² - 2 w_i v_i) + Σ z_i, with z_i (1 - p_i) >= δ_i v_i²: the
+same value on every feasible point (z_i = δ_i v_i² where kept, v_i = 0 where pruned), and a fractional p_i
+lets z_i fall only to δ_i v_i² / (1 - p_i) instead of δ_i v_i².
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def _solve_row(model: RefitRowModel, time_limit, gap, seed, params) -> RowOutcom
     z, terms = _perspective_terms(scip, model, p, v, scale, reach)
     scip.setObjective(t + quicksum(terms), "minimize")
     scip.addObjoffset(float(model.shift @ (model.w * model.w)) / scale)
-    _add_incumbent(scip, (p, v, r, t, z), model, start_v, factor, target)
+    _add_incumbent(scip, (p, v, r, t, z), model, start_v, factor, target, scale)
     scip.optimize()
     best = scip.getBestSol()
     prune = np.array([scip.getSolVal(best, x) > 0.5 for x in p]) if scip.getNSols() else model.incumbent
@@ -105,22 +105,25 @@ def _solve_row(model: RefitRowModel, time_limit, gap, seed, params) -> RowOutcom
 
 
 def _perspective_terms(scip, model: RefitRowModel, p, v, scale: float, reach: np.ndarray) -> tuple[list, list]:
-    """(z, the objective's terms δ_i (z_i - 2 w_i v_i) / scale) with z_i (1 - p_i) >= v_i², one per input
-    (empty without the perspective terms)."""
+    """(z, the objective's terms z_i - 2 c_i w_i v_i) with z_i (1 - p_i) >= c_i v_i² and c_i = δ_i / scale, one
+    per input (none without the perspective terms). z_i is in the objective's units, so that SCIP's
+    feasibility tolerance on these constraints moves the objective by that tolerance, not by δ_i / scale
+    times it."""
     z, terms = [], []
     for i in (range(len(model.w)) if model.shift.any() else ()):
+        weight = float(model.shift[i]) / scale
         largest = max(abs(model.w[i] - reach[i]), abs(model.w[i] + reach[i])) ** 2
-        z.append(scip.addVar(lb=0, ub=largest, name=f"z{i}"))
-        scip.addCons(v[i] * v[i] <= z[-1] - z[-1] * p[i])
-        terms.append(float(model.shift[i]) / scale * (z[-1] - 2 * float(model.w[i]) * v[i]))
+        z.append(scip.addVar(lb=0, ub=weight * largest, name=f"z{i}"))
+        scip.addCons(weight * v[i] * v[i] <= z[-1] - z[-1] * p[i])
+        terms.append(z[-1] - 2 * weight * float(model.w[i]) * v[i])
     return z, terms
 
 
-def _add_incumbent(scip, variables, model: RefitRowModel, v_values, factor, target) -> None:
+def _add_incumbent(scip, variables, model: RefitRowModel, v_values, factor, target, scale: float) -> None:
     p, v, r, t, z = variables
     residual = target - factor.T @ v_values
     add_solution(scip, [(p, model.incumbent), (v, v_values), (r, residual), ([t], [residual @ residual]),
-                        (z, (v_values * v_values)[: len(z)])])
+                        (z, (model.shift / scale * v_values * v_values)[: len(z)])])
 
 
 def row_models(problem: MaskProblem, warm_start: torch.Tensor, perspective: bool = False) -> list[RefitRowModel]:
