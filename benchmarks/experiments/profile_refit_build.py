@@ -1,6 +1,7 @@
 """What building `refit_swaps`' state costs at an 8B down_proj width, on CUDA, step by step and by alternative.
 
-`_Batch` builds H = (G_SS)⁻¹ by a Cholesky factor and `cholesky_inverse`, then U = H G_SN. With a capped
+`_Batch` built H = (G_SS)⁻¹ by a Cholesky factor and `cholesky_inverse` (until 785c69b, which on CUDA takes the
+triangular route this script measured), then U = H G_SN. With a capped
 number of swaps per row the build can cost more than the swaps (tune_refit_scan.py), so each step is timed
 on one batch of synthetic Llama-3-8B down_proj rows (bench_swaps.synthetic_layer, Wanda's mask at 60%),
 with the alternatives for H (LU inverse; the triangular inverse of the factor and one product) and for U
