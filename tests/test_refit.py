@@ -343,6 +343,13 @@ def test_scip_refit_reaches_the_masks_and_weights_optimum_with_a_bound(spec, per
             assert result.weight_gap <= 1e-6 * ratio and result.row_bound is None
 
 
+def test_scip_refit_says_what_perspective_takes():
+    pytest.importorskip("pyscipopt")
+    problem, _ = make_problem("correlated", rows=2, d=12, seed=1, tokens=48, sparsity=0.5)
+    with pytest.raises(SolverError, match="true or false"):
+        ss.solve(problem, "scip_refit", perspective="yes")
+
+
 def test_scip_refit_refuses_a_singular_gram():
     pytest.importorskip("pyscipopt")
     problem, _ = make_problem("correlated", rows=2, d=12, seed=1, tokens=48, sparsity=0.5)

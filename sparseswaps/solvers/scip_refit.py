@@ -154,6 +154,8 @@ class ScipRefitSolver(ExactSolver):
         from sparseswaps import solve
         from .refit import refit_weights
 
+        if not isinstance(perspective, bool):
+            raise SolverError(f"scip_refit's perspective is true or false, got {perspective!r}")
         if int(torch.linalg.cholesky_ex(problem.gram.to(torch.float64)).info) != 0:
             raise SolverError("scip_refit bounds the weights by G's inverse, and this G is singular (a dead or "
                               "repeated input): drop those inputs or add damping to G before solving")
