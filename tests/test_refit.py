@@ -1,4 +1,5 @@
 """Masks and weights together: `SolveResult.weight`, the `refit` and `admm` backends."""
+import numpy as np
 import pytest
 import torch
 
@@ -341,6 +342,16 @@ def test_scip_refit_reaches_the_masks_and_weights_optimum_with_a_bound(spec, per
             incumbent = ss.solve(problem, "refit", warm_start=begin)
             ratio = float((incumbent.row_weight_objective / optimum.row_weight_objective).max())
             assert result.weight_gap <= 1e-6 * ratio and result.row_bound is None
+
+
+def test_perspective_shift_is_positive_and_leaves_a_positive_definite_rest():
+    from sparseswaps.solvers.scip_refit import perspective_shift
+
+    for family in ("correlated", "outliers"):
+        gram = make_problem(family, rows=2, d=24, seed=4, tokens=96, sparsity=0.5)[0].gram.double().numpy()
+        shift = perspective_shift(gram)
+        largest = np.linalg.eigvalsh(gram)[-1]
+        assert (shift > 0).all() and np.linalg.eigvalsh(gram - np.diag(shift))[0] > 1e-6 * largest
 
 
 def test_scip_refit_says_what_perspective_takes():

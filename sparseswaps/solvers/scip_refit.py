@@ -15,10 +15,11 @@ are the exact least squares on SCIP's mask (`refit`, undamped), and
 masks-and-weights optimum (`SolveResult.weight_gap`), not on the mask-only objective.
 
 `perspective=True` strengthens the relaxation (the perspective reformulation of best-subset regression):
-with δ = s·diag(G) and s the diagonal shift that keeps G - diag(δ) PSD (exact.diagonal_shift), the error
+with δ >= 0 such that G - diag(δ) stays positive definite (`perspective_shift`), the error
 is (w - v)ᵀ (G - diag δ) (w - v) + Σ δ_i (w_i² - 2 w_i v_i) + Σ z_i, with z_i (1 - p_i) >= δ_i v_i²: the
 same value on every feasible point (z_i = δ_i v_i² where kept, v_i = 0 where pruned), and a fractional p_i
-lets z_i fall only to δ_i v_i² / (1 - p_i) instead of δ_i v_i².
+lets z_i fall only to δ_i v_i² / (1 - p_i) instead of δ_i v_i². Any such δ keeps the formulation exact; a
+larger one gives a stronger relaxation.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ import torch
 from sparseswaps import MaskProblem, Solution, SolverError, register
 
 from .bruteforce import refit_errors
-from .exact import (ExactSolver, RowOutcome, assemble, deadline_of, diagonal_shift, map_rows, prune_groups,
-                    psd_factor, within_budget)
+from .exact import (ExactSolver, RowOutcome, assemble, deadline_of, map_rows, prune_groups, psd_factor,
+                    within_budget)
 from .scip import add_solution, dual_bound, new_model, row_status
 
 # SCIP's feasibility tolerance: at the mask-only solver's 1e-9, its LP solver fails on some rows (the continuous
@@ -126,9 +127,25 @@ def _add_incumbent(scip, variables, model: RefitRowModel, v_values, factor, targ
                         (z, (model.shift / scale * v_values * v_values)[: len(z)])])
 
 
+def perspective_shift(gram: np.ndarray, passes: int = 3, conditioning: float = 1e-6) -> np.ndarray:
+    """δ >= 0 with G - diag(δ) positive definite, grown one input at a time: δ_i may rise by up to
+    1 / [(G - diag δ)⁻¹]_ii before G - diag(δ) turns singular (the Schur complement), and takes half of that
+    while the smallest eigenvalue stays above `conditioning` times G's largest. Against the mask-only solvers'
+    uniform shift s·diag(G) (exact.diagonal_shift) as δ: benchmarks/README.md §11."""
+    shift = np.zeros(len(gram))
+    floor = conditioning * np.linalg.eigvalsh(gram)[-1]
+    for _ in range(passes):
+        for i in range(len(gram)):
+            trial = shift.copy()
+            trial[i] += 0.5 / np.linalg.inv(gram - np.diag(shift))[i, i]
+            if np.linalg.eigvalsh(gram - np.diag(trial))[0] > floor:
+                shift = trial
+    return shift
+
+
 def row_models(problem: MaskProblem, warm_start: torch.Tensor, perspective: bool = False) -> list[RefitRowModel]:
     gram = problem.gram.detach().cpu().to(torch.float64).numpy()
-    shift = diagonal_shift(gram) * np.diag(gram) if perspective else np.zeros(len(gram))
+    shift = perspective_shift(gram) if perspective else np.zeros(len(gram))
     factor = psd_factor(gram - np.diag(shift))
     inverse_diagonal = np.diag(np.linalg.inv(gram)).clip(min=0)      # G is positive definite (checked)
     groups = prune_groups(problem.d, problem.pattern)
