@@ -107,5 +107,17 @@ def layers(real_layers: Path | None, rows: int | None, synthetic: int | None, de
             yield (name, *synthetic_layer(synthetic, d, seed=0, device=device))
 
 
+
+def synthetic_batch(rows: int, width: int, sparsity: float = 0.6, device: str = "cuda"):
+    """(weight float64, G + 0.01 diag G float64, Wanda's mask) of `rows` synthetic Llama-3-8B-shaped rows of
+    `width` inputs: what the profiling experiments build refit_swaps' state from."""
+    from bench_swaps import synthetic_layer
+    from sparseswaps.solvers.refit import with_diagonal_damping
+
+    weight, gram = synthetic_layer(rows, width, seed=0, device=device)
+    problem = ss.MaskProblem(weight, gram, sparsity=sparsity, check_psd=False)
+    keep = ss.mask_from_scores(problem.wanda_scores(), problem.pattern)
+    return weight.double(), with_diagonal_damping(gram.double(), 0.01), keep
+
 if __name__ == "__main__":
     main()

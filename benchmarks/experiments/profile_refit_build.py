@@ -20,9 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_swaps import synthetic_layer  # noqa: E402
-from sparseswaps import MaskProblem, mask_from_scores  # noqa: E402
-from sparseswaps.solvers.refit import with_diagonal_damping  # noqa: E402
+from bench_refit_swaps import synthetic_batch  # noqa: E402
 
 
 def timed(function):
@@ -47,10 +45,7 @@ def main() -> None:
         with args.out.open("a") as out:
             out.write(line + "\n")
 
-    weight, gram = synthetic_layer(args.rows, args.width, seed=0)
-    problem = MaskProblem(weight, gram, sparsity=0.6, check_psd=False)
-    keep = mask_from_scores(problem.wanda_scores(), problem.pattern)
-    gram = with_diagonal_damping(gram.double(), 0.01)
+    _, gram, keep = synthetic_batch(args.rows, args.width)
     kept = keep.nonzero()[:, 1].view(args.rows, -1)
     pruned = (~keep).nonzero()[:, 1].view(args.rows, -1)
     k = kept.shape[1]

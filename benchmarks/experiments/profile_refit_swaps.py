@@ -22,9 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bench_swaps import synthetic_layer  # noqa: E402
-from sparseswaps import MaskProblem, mask_from_scores  # noqa: E402
-from sparseswaps.solvers.refit import with_diagonal_damping  # noqa: E402
+from bench_refit_swaps import synthetic_batch  # noqa: E402
 from sparseswaps.solvers.refit_swaps import _Batch  # noqa: E402
 
 
@@ -85,11 +83,7 @@ def main() -> None:
         print(text, flush=True)
         lines.append(text)
 
-    weight, gram = synthetic_layer(args.rows, args.width, seed=0, device=args.device)
-    problem = MaskProblem(weight, gram, sparsity=args.sparsity, check_psd=False)
-    keep = mask_from_scores(problem.wanda_scores(), problem.pattern)
-    gram = with_diagonal_damping(gram.double(), 0.01)
-    weight = weight.double()
+    weight, gram, keep = synthetic_batch(args.rows, args.width, args.sparsity, args.device)
     scale = float(gram.diagonal().max())
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     say(f"# {device}, torch {torch.__version__}, triton {triton.__version__}; "

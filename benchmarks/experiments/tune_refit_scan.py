@@ -21,20 +21,11 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_swaps import synthetic_layer  # noqa: E402
-from sparseswaps import MaskProblem, mask_from_scores  # noqa: E402
+from bench_refit_swaps import synthetic_batch  # noqa: E402
 from sparseswaps.solvers import refit_triton  # noqa: E402
-from sparseswaps.solvers.refit import with_diagonal_damping  # noqa: E402
 from sparseswaps.solvers.refit_swaps import _Batch, _refine  # noqa: E402
 
 TILES = [dict(block_i=i, block_j=j, num_warps=w) for i, j, w in itertools.product((16, 32, 64), (64, 128, 256), (4, 8))]
-
-
-def batch_for(rows: int, width: int, sparsity: float):
-    weight, gram = synthetic_layer(rows, width, seed=0)
-    problem = MaskProblem(weight, gram, sparsity=sparsity, check_psd=False)
-    keep = mask_from_scores(problem.wanda_scores(), problem.pattern)
-    return weight.double(), with_diagonal_damping(gram.double(), 0.01), keep
 
 
 @contextmanager
@@ -63,7 +54,7 @@ def refine_seconds(weight, gram, keep, swaps: int, tile: dict) -> tuple[float, t
 
 def time_tiles(name: str, rows: int, width: int, say) -> dict:
     """Every tile's scan time on one batch (each checked against the default tile's result); the fastest."""
-    weight, gram, keep = batch_for(rows, width, 0.6)
+    weight, gram, keep = synthetic_batch(rows, width, 0.6)
     batch = _Batch(weight, gram, 0.0, keep, None, scan="triton")
     scale = float(gram.diagonal().max())
     want = batch.best_swaps(scale)
@@ -98,7 +89,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     time_tiles("q_proj", 128, 4096, say)
     torch.cuda.empty_cache()
-    weight, gram, keep = batch_for(10, 14336, 0.6)
+    weight, gram, keep = synthetic_batch(10, 14336, 0.6)
     default, reference = dict(block_i=32, block_j=64, num_warps=4), None
     for tile in (default, fastest, default, fastest):
         seconds, mask = refine_seconds(weight, gram, keep, args.swaps, tile)

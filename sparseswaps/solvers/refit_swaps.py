@@ -226,8 +226,9 @@ def refit_swap_rows(weight, gram, keep, max_iters: int, group: int | None = None
     for every row, batched, float64, on the inputs' device. λ = damping · mean(diag G) is added to the kept
     block (0: the exact least-squares error; it must then be positive definite), and the error is measured
     in G + diagonal_damping · diag(G) (refit.py). `engine`: the scan's implementation, "triton" (CUDA only),
-    "numba" (CPU only), "torch" or "auto" (Triton on CUDA, numba on the CPU, where installed). Past `deadline` (time.monotonic()) no row swaps again:
-    each keeps the swaps it took (every one is exact) and rows not reached keep the warm start."""
+    "numba" (CPU only), "torch" or "auto" (Triton on CUDA, numba on the CPU, where installed). Past
+    `deadline` (time.monotonic()) no row swaps again: each keeps the swaps it took (every one is exact) and
+    rows not reached keep the warm start."""
     scan = _scan_engine(engine, weight.device)
     gram = with_diagonal_damping(gram.to(torch.float64), diagonal_damping)
     damping = float(damping * gram.diagonal().mean())                # λ, added to the kept block's diagonal

@@ -111,7 +111,9 @@ def _perspective_terms(scip, model: RefitRowModel, p, v, scale: float, reach: np
     feasibility tolerance on these constraints moves the objective by that tolerance, not by δ_i / scale
     times it."""
     z, terms = [], []
-    for i in (range(len(model.w)) if model.shift.any() else ()):
+    if not model.shift.any():
+        return z, terms
+    for i in range(len(model.w)):
         weight = float(model.shift[i]) / scale
         largest = max(abs(model.w[i] - reach[i]), abs(model.w[i] + reach[i])) ** 2
         z.append(scip.addVar(lb=0, ub=weight * largest, name=f"z{i}"))
@@ -124,7 +126,7 @@ def _add_incumbent(scip, variables, model: RefitRowModel, v_values, factor, targ
     p, v, r, t, z = variables
     residual = target - factor.T @ v_values
     add_solution(scip, [(p, model.incumbent), (v, v_values), (r, residual), ([t], [residual @ residual]),
-                        (z, (model.shift / scale * v_values * v_values)[: len(z)])])
+                        (z, model.shift / scale * v_values * v_values if z else [])])
 
 
 def perspective_shift(gram: np.ndarray, passes: int = 3, conditioning: float = 1e-6) -> np.ndarray:
