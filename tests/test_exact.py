@@ -1,4 +1,10 @@
 """Exact backends and their bounds against brute force; time limits never raise."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,3 +68,34 @@ def test_an_unknown_executor_is_refused():
     problem, _ = make_problem("correlated", rows=2, d=12, seed=1, sparsity=0.5)
     with pytest.raises(ss.SolverError, match="executor must be one of process, ray"):
         ss.solve(problem, "scip", executor="dask")
+
+
+
+POOL_AFTER_THREADED_BLAS = """
+import json
+import torch
+from sparseswaps.solvers.exact import map_rows
+
+def first_coefficient(seed):
+    # least squares of a random matrix against its own first column: the answer is e_1
+    a = torch.randn(256, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return torch.linalg.lstsq(a, a[:, :1]).solution[0, 0].item()
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    a = torch.randn(1024, 1024, dtype=torch.float64)
+    (a @ a).sum()      # the parent's BLAS starts its OpenMP threads before the pool forks
+    print(json.dumps(map_rows(first_coefficient, [0, 1, 2, 3], workers=2)))
+"""
+
+
+def test_row_pools_finish_after_the_parent_ran_threaded_blas(tmp_path):
+    """Forked row workers hung in MKL's OpenMP dgemm (inside a least-squares solve) once the parent had run a
+    threaded BLAS call, as `scip_refit` did on 96-input rows; the subprocess's timeout turns a hang into a failure."""
+    script = tmp_path / "pool.py"
+    script.write_text(POOL_AFTER_THREADED_BLAS)
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env=environment)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == pytest.approx([1.0] * 4, abs=1e-9)

@@ -118,8 +118,15 @@ def map_rows(function, tasks: list, workers: int, executor: str = "process") -> 
         return ray_map(function, tasks)
     if workers <= 1 or len(tasks) <= 1:
         return [function(task) for task in tasks]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_one_thread_per_worker) as pool:
         return list(pool.map(function, tasks))
+
+
+def _one_thread_per_worker() -> None:
+    """A forked worker inherits the parent's OpenMP state but not its threads, so a threaded BLAS call (MKL's
+    dgemm inside a least-squares solve) would wait for them forever; one thread each also keeps `workers`
+    processes from oversubscribing the cores."""
+    torch.set_num_threads(1)
 
 
 def ray_map(function, tasks: list) -> list:
