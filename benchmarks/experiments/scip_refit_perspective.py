@@ -8,10 +8,16 @@ formulations' solutions (each checks the other); one JSON line per (rows, target
 markdown table.
 
     python benchmarks/experiments/scip_refit_perspective.py --row-time-limit 30 --workers 2 --out X.json
+
+Wider rows (96 and 128 inputs, `sparseswaps extract --blocks 15 --widths 96,128`), perspective only:
+
+    python benchmarks/experiments/scip_refit_perspective.py --folder benchmarks/instances/smollm2_wide \
+        --widths 96,128 --formulations perspective --no-synthetic --row-time-limit 60 --out X.json
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -29,14 +35,14 @@ from sparseswaps.instances import load_instances  # noqa: E402
 from sparseswaps.provenance import environment  # noqa: E402
 
 
-def instances(widths: list[int], count: int, targets: list[str]):
+def instances(folder: Path, widths: list[int], count: int, targets: list[str], synthetic: bool):
     """(label, target, problem): `count` real sub-layers of each width, then synthetic 32-input rows."""
-    real = load_instances(ROOT / "benchmarks" / "instances" / "smollm2")
+    real = load_instances(folder)
     for d in widths:
         for target in targets:
             for instance in [i for i in real if i.d == d][:count]:
                 yield f"SmolLM2 real d={d}", target, instance.problem(target)
-    for family in ("correlated", "outliers"):
+    for family in ("correlated", "outliers") if synthetic else ():
         for target in targets:
             spec = {"pattern": target} if ":" in target else {"sparsity": float(target)}
             yield f"synthetic {family} d=32", target, make_problem(family, rows=2, d=32, seed=0, tokens=128, **spec)[0]
@@ -49,21 +55,28 @@ def main() -> None:
     parser.add_argument("--widths", default="24,32,48")
     parser.add_argument("--instances", type=int, default=4, help="real sub-layers per width (2 rows each)")
     parser.add_argument("--targets", default="0.5,2:4")
+    parser.add_argument("--folder", type=Path, default=ROOT / "benchmarks" / "instances" / "smollm2",
+                        help="real instances (e.g. benchmarks/instances/smollm2_wide for 96 and 128 inputs)")
+    parser.add_argument("--formulations", default="big-M,perspective",
+                        help="big-M, perspective or both; with one, a bound is checked against its own solution")
+    parser.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the synthetic 32-input rows")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    perspectives = formulations(args.formulations, parser)
     pooled: dict[tuple, dict] = {}
-    for label, target, problem in instances([int(d) for d in args.widths.split(",")], args.instances,
-                                             args.targets.split(",")):
+    for label, target, problem in instances(args.folder, [int(d) for d in args.widths.split(",")], args.instances,
+                                             args.targets.split(","), args.synthetic):
         start = ss.solve(problem, ["wanda", "refit_swaps"]).mask
         results = {perspective: ss.solve(problem, "scip_refit", warm_start=start, row_time_limit=args.row_time_limit,
-                                         workers=args.workers, perspective=perspective) for perspective in (False, True)}
-        best = torch.minimum(*(result.row_weight_objective for result in results.values()))
+                                         workers=args.workers, perspective=perspective) for perspective in perspectives}
+        best = functools.reduce(torch.minimum, (result.row_weight_objective for result in results.values()))
         for perspective, result in results.items():
             gap = (result.row_weight_objective - result.row_weight_bound) / result.row_weight_objective
             entry = pooled.setdefault((label, target, perspective), {"gaps": [], "seconds": 0.0, "bound_valid": 0})
             entry["gaps"] += gap.tolist()
             entry["seconds"] += result.runtime_s
-            # each bound must lie below the other formulation's mask too (its least-squares error)
+            # each bound must lie below the other formulation's mask too (its least-squares error), where both ran
             entry["bound_valid"] += int((result.row_weight_bound <= best * (1 + 1e-9)).sum())
             print(f"{label} {target} perspective={perspective}: gaps {[f'{g:.1e}' for g in gap.tolist()]}, "
                   f"{result.runtime_s:.1f} s", flush=True)
@@ -77,6 +90,16 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     args.out.write_text(json.dumps({"rows": rows, "environment": environment()}, indent=1))
     args.out.with_suffix(".md").write_text(markdown(rows))
+
+
+def formulations(text: str, parser: argparse.ArgumentParser) -> list[bool]:
+    """The `perspective` option of each named formulation, in the order given."""
+    names = {"big-M": False, "perspective": True}
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in names]
+    if unknown or not chosen:
+        parser.error(f"--formulations takes big-M and/or perspective, comma-separated; got {text!r}")
+    return [names[name] for name in dict.fromkeys(chosen)]
 
 
 def markdown(rows: list[dict]) -> str:
