@@ -354,6 +354,20 @@ def test_perspective_shift_is_positive_and_leaves_a_positive_definite_rest():
         assert (shift > 0).all() and np.linalg.eigvalsh(gram - np.diag(shift))[0] > 1e-6 * largest
 
 
+
+def test_perspective_shift_of_an_ill_conditioned_gram_still_shifts_most_inputs():
+    """Two nearly collinear inputs put G's smallest eigenvalue below 1e-6 of its largest, as on a real
+    96-input gate_proj; the shift must still reach the other inputs and keep G - diag(δ) positive definite."""
+    from sparseswaps.solvers.scip_refit import perspective_shift
+
+    gram = make_problem("correlated", rows=2, d=24, seed=4, tokens=96, sparsity=0.5)[0].gram.double().numpy()
+    gram[:, 1] = gram[1, :] = gram[0] * 0.999      # input 1 nearly a copy of input 0
+    gram[1, 1] = gram[0, 0] * 0.999 ** 2 * (1 + 1e-8)
+    eigenvalues = np.linalg.eigvalsh(gram)
+    assert 0 < eigenvalues[0] < 1e-6 * eigenvalues[-1]
+    shift = perspective_shift(gram)
+    assert (shift > 0).sum() >= len(gram) // 2 and np.linalg.eigvalsh(gram - np.diag(shift))[0] >= 0.5 * eigenvalues[0]
+
 def test_scip_refit_says_what_perspective_takes():
     pytest.importorskip("pyscipopt")
     problem, _ = make_problem("correlated", rows=2, d=12, seed=1, tokens=48, sparsity=0.5)

@@ -132,10 +132,12 @@ def _add_incumbent(scip, variables, model: RefitRowModel, v_values, factor, targ
 def perspective_shift(gram: np.ndarray, passes: int = 3, conditioning: float = 1e-6) -> np.ndarray:
     """δ >= 0 with G - diag(δ) positive definite, grown one input at a time: δ_i may rise by up to
     1 / [(G - diag δ)⁻¹]_ii before G - diag(δ) turns singular (the Schur complement), and takes half of that
-    while the smallest eigenvalue stays above `conditioning` times G's largest. Against the mask-only solvers'
-    uniform shift s·diag(G) (exact.diagonal_shift) as δ: benchmarks/README.md §11."""
+    while the smallest eigenvalue stays above `conditioning` times G's largest, or above half of G's own
+    smallest where G is already worse conditioned than that (else no input would get any δ). Against the
+    mask-only solvers' uniform shift s·diag(G) (exact.diagonal_shift) as δ: benchmarks/README.md §11."""
     shift = np.zeros(len(gram))
-    floor = conditioning * np.linalg.eigvalsh(gram)[-1]
+    eigenvalues = np.linalg.eigvalsh(gram)
+    floor = min(conditioning * eigenvalues[-1], 0.5 * eigenvalues[0])
     for _ in range(passes):
         for i in range(len(gram)):
             trial = shift.copy()
