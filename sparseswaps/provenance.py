@@ -1,6 +1,7 @@
 """Where a result came from: package versions, the git commit (and whether the tree was dirty), peak memory."""
 from __future__ import annotations
 
+import hashlib
 import platform
 import resource
 import subprocess
@@ -34,9 +35,20 @@ def environment() -> dict:
     # A copied tree can sit on a stale .git: then the commit alone does not identify the code.
     changes = _git("status", "--porcelain", "--untracked-files=no")
     return {"sparseswaps": __version__, "git_commit": _git("rev-parse", "HEAD"),
-            "git_dirty": None if changes is None else bool(changes), "python": platform.python_version(),
+            "git_dirty": None if changes is None else bool(changes), "source_sha256": source_digest(),
+            "python": platform.python_version(),
             "platform": platform.platform(), "packages": versions,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def source_digest(package: Path = Path(__file__).parent) -> str:
+    """SHA-256 over the package's Python files (relative path and bytes, in path order): names the code that
+    ran where git cannot (a copied tree on a stale .git). Compare with this function at a checkout of the
+    commit in question."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _git(*args: str) -> str | None:
