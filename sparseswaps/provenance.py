@@ -1,4 +1,5 @@
-"""Where a result came from: package versions, the git commit (and whether the tree was dirty), peak memory."""
+"""Where a result came from: package versions, the git commit (and whether the tree was dirty), a digest of the
+package's code, peak memory."""
 from __future__ import annotations
 
 import hashlib
