@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -107,7 +108,6 @@ def layers(real_layers: Path | None, rows: int | None, synthetic: int | None, de
             yield (name, *synthetic_layer(synthetic, d, seed=0, device=device))
 
 
-
 def synthetic_batch(rows: int, width: int, sparsity: float = 0.6, device: str = "cuda"):
     """(weight float64, G + 0.01 diag G float64, Wanda's mask) of `rows` synthetic Llama-3-8B-shaped rows of
     `width` inputs: what the profiling experiments build refit_swaps' state from."""
@@ -118,6 +118,29 @@ def synthetic_batch(rows: int, width: int, sparsity: float = 0.6, device: str = 
     problem = ss.MaskProblem(weight, gram, sparsity=sparsity, check_psd=False)
     keep = ss.mask_from_scores(problem.wanda_scores(), problem.pattern)
     return weight.double(), with_diagonal_damping(gram.double(), 0.01), keep
+
+
+def synchronized(function):
+    """(result, seconds) of one call of `function`, the GPU's queue drained before and after."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = function()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def line_report(path: Path):
+    """say(line): print it and append it to `path` (emptied here), so a run cut short keeps what it measured."""
+    path.write_text("")
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        with path.open("a") as out:
+            out.write(line + "\n")
+    return say
+
 
 if __name__ == "__main__":
     main()

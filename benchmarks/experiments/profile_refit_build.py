@@ -13,23 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_refit_swaps import synthetic_batch  # noqa: E402
-
-
-def timed(function):
-    """(result, seconds) of one synchronised call."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = function()
-    torch.cuda.synchronize()
-    return result, time.perf_counter() - start
+from bench_refit_swaps import line_report, synchronized as timed, synthetic_batch  # noqa: E402
 
 
 def main() -> None:
@@ -38,12 +28,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=14336)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    args.out.write_text("")
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        with args.out.open("a") as out:
-            out.write(line + "\n")
+    say = line_report(args.out)
 
     _, gram, keep = synthetic_batch(args.rows, args.width)
     kept = keep.nonzero()[:, 1].view(args.rows, -1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bench_refit_swaps import synthetic_batch  # noqa: E402
+from bench_refit_swaps import line_report, synchronized, synthetic_batch  # noqa: E402
 from sparseswaps.solvers.refit_swaps import _Batch  # noqa: E402
 
 
@@ -51,21 +50,9 @@ def rank_two_triton(c, left, right, block_i: int = 32, block_j: int = 128):
                            BLOCK_I=block_i, BLOCK_J=block_j, num_warps=4)
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def seconds(function, repeat: int = 5) -> float:
     """Fastest wall time of `repeat` synchronised calls."""
-    best = float("inf")
-    for _ in range(repeat):
-        sync()
-        start = time.perf_counter()
-        function()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(synchronized(function)[1] for _ in range(repeat))
 
 
 def main() -> None:
@@ -77,11 +64,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda", help="cpu only to check the script (TRITON_INTERPRET=1)")
     args = parser.parse_args()
-    lines = []
-
-    def say(text: str) -> None:
-        print(text, flush=True)
-        lines.append(text)
+    say = line_report(args.out)
 
     weight, gram, keep = synthetic_batch(args.rows, args.width, args.sparsity, args.device)
     scale = float(gram.diagonal().max())
@@ -89,11 +72,8 @@ def main() -> None:
     say(f"# {device}, torch {torch.__version__}, triton {triton.__version__}; "
         f"{args.rows} rows x {args.width} inputs, {args.sparsity:.0%} sparsity, G + 0.01 diag G")
 
-    sync()
-    start = time.perf_counter()
-    batch = _Batch(weight, gram, 0.0, keep, None, scan="triton" if args.device == "cuda" else "torch")
-    sync()
-    build = time.perf_counter() - start
+    batch, build = synchronized(lambda: _Batch(weight, gram, 0.0, keep, None,
+                                               scan="triton" if args.device == "cuda" else "torch"))
     k, p = batch.u.shape[1], batch.u.shape[2]
     h_bytes, u_bytes = 8 * args.rows * k * k, 8 * args.rows * k * p
     say(f"H strides {tuple(batch.h.stride())}, U strides {tuple(batch.u.stride())}")
@@ -104,26 +84,23 @@ def main() -> None:
     batch.swap(a, b, best)
     scan_s, swap_s = [], []
     for _ in range(args.swaps):
-        sync()
-        start = time.perf_counter()
-        best, a, b = batch.best_swaps(scale)
-        sync()
-        middle = time.perf_counter()
-        batch.swap(a, b, best)
-        sync()
-        scan_s.append(middle - start)
-        swap_s.append(time.perf_counter() - middle)
+        (best, a, b), scan = synchronized(lambda: batch.best_swaps(scale))
+        _, update = synchronized(lambda: batch.swap(a, b, best))
+        scan_s.append(scan)
+        swap_s.append(update)
     scan, update = min(scan_s), min(swap_s)
     say(f"scan {scan * 1e3:.2f} ms ({u_bytes / scan / 1e12:.2f} TB/s reading U); update {update * 1e3:.2f} ms "
         f"({2 * (h_bytes + u_bytes) / update / 1e12:.2f} TB/s reading and writing H and U); "
         f"per row and swap {(scan + update) / args.rows * 1e3:.3f} ms")
 
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    def three_swaps() -> None:
         for _ in range(3):
             best, a, b = batch.best_swaps(scale)
             batch.swap(a, b, best)
-        sync()
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        synchronized(three_swaps)
     say(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
     h = batch.h
@@ -141,7 +118,6 @@ def main() -> None:
     say(f"rank-two update of H ({h_bytes / 1e9:.2f} GB): baddbmm_ {baddbmm_s * 1e3:.2f} ms "
         f"({2 * h_bytes / baddbmm_s / 1e12:.2f} TB/s), Triton {triton_s * 1e3:.2f} ms "
         f"({2 * h_bytes / triton_s / 1e12:.2f} TB/s), mul_(1) {scale_s * 1e3:.2f} ms ({2 * h_bytes / scale_s / 1e12:.2f} TB/s)")
-    args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

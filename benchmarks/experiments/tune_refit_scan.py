@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_refit_swaps import synthetic_batch  # noqa: E402
+from bench_refit_swaps import line_report, synchronized, synthetic_batch  # noqa: E402
 from sparseswaps.solvers import refit_triton  # noqa: E402
 from sparseswaps.solvers.refit_swaps import _Batch, _refine  # noqa: E402
 
@@ -41,15 +40,16 @@ def tiled(tile: dict):
 
 def refine_seconds(weight, gram, keep, swaps: int, tile: dict) -> tuple[float, torch.Tensor]:
     """Seconds to build one batch and take `swaps` swaps in every row with `tile`, and the masks."""
-    with tiled(tile):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+    def refine() -> torch.Tensor:
         mask, count = keep.clone(), torch.zeros(len(keep), dtype=torch.long, device=keep.device)
         converged = torch.zeros(len(keep), dtype=torch.bool, device=keep.device)
         _refine(_Batch(weight, gram, 0.0, keep, None, scan="triton"), weight, gram, float(gram.diagonal().max()),
                 swaps, mask, count, converged)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start, mask
+        return mask
+
+    with tiled(tile):
+        mask, seconds = synchronized(refine)
+    return seconds, mask
 
 
 def time_tiles(name: str, rows: int, width: int, say) -> dict:
@@ -77,12 +77,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--swaps", type=int, default=20)
     args = parser.parse_args()
-    args.out.write_text("")
-
-    def say(line: str) -> None:          # line by line, so a run cut short keeps what it measured
-        print(line, flush=True)
-        with args.out.open("a") as out:
-            out.write(line + "\n")
+    say = line_report(args.out)
 
     say(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     fastest = time_tiles("down_proj", 10, 14336, say)
